@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, GLUE, comparison reports and plots (``llmcomp.eval``)."""

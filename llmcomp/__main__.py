@@ -1,0 +1,3 @@
+from llmcomp.cli.main import main
+
+main()

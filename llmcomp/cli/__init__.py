@@ -1,0 +1,1 @@
+"""The ``llmcomp`` command line (typer). Each subcommand lives in its own module."""

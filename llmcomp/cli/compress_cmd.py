@@ -1,0 +1,94 @@
+"""``llmcomp compress``: run a recipe over a model and write an llmcomp checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from llmcomp.cli.common import console, user_errors
+from llmcomp.errors import LlmcompError
+
+SIZE_UNITS = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'500MB' / '2GB' / plain bytes -> bytes."""
+    t = text.strip().upper()
+    unit = next((u for u in SIZE_UNITS if t.endswith(u)), "")
+    number, factor = (t[: -len(unit)], SIZE_UNITS[unit]) if unit else (t, 1)
+    try:
+        value = float(number)
+    except ValueError:
+        raise LlmcompError(f"invalid size {text!r}; use e.g. 500MB or 2GB") from None
+    if value <= 0:
+        raise LlmcompError(f"size must be positive, got {text!r}")
+    return int(value * factor)
+
+
+def summary_table(report: dict[str, Any], output_dir: Path) -> Table:
+    table = Table(title=f"compressed -> {output_dir}", show_header=False)
+    bpw = report.get("average_bits_per_weight")
+    rows = [
+        ("recipe", str(report.get("recipe"))),
+        ("compressed modules", str(len(report.get("modules", {})))),
+        ("avg bits/weight (compressed modules, incl. scales/zeros)", f"{bpw:.3f}" if bpw else "-"),
+        ("size before -> after",
+         f"{report['original_bytes'] / 1e6:.1f} MB -> {report['compressed_bytes'] / 1e6:.1f} MB"),
+        ("compression ratio", f"{report['compression_ratio']:.2f}x"),
+        ("time", f"{report['total_seconds']:.1f} s"),
+        ("peak RSS", f"{report['peak_rss_mb']:.0f} MB"),
+    ]
+    if report.get("calibration"):
+        cal = report["calibration"]
+        rows.append(("calibration", f"{cal['samples']} x {cal['seq_len']} tokens from {cal['source']}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@user_errors
+def compress(
+    model: str = typer.Argument(..., help="hub id (org/name), local HF directory, .gguf file, or alias smollm2-135m"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="built-in recipe name or path to a YAML recipe"),
+    output: Path = typer.Option(..., "--output", "-o", help="output directory for the llmcomp checkpoint"),
+    overwrite: bool = typer.Option(False, help="replace OUTPUT if it exists (atomically)"),
+    dtype: str = typer.Option("auto", help="working/storage dtype: auto (as stored), bfloat16, float16, float32"),
+    calibration_file: Path | None = typer.Option(
+        None, help="plain-text calibration data (overrides the recipe's); default: offline English text"
+    ),
+    shard_size: str = typer.Option("2GB", help="maximum size of one safetensors shard"),
+    trust_remote_code: bool = typer.Option(False, help="allow custom modelling code from the model repo"),
+) -> None:
+    """Compress MODEL with a recipe and write an llmcomp checkpoint loadable by from_pretrained, vLLM and
+    `llmcomp serve`. See `llmcomp recipes` for the built-in recipes."""
+    from llmcomp.pipeline import compress as run_compress
+    from llmcomp.recipes import load_recipe
+
+    parsed = load_recipe(recipe)
+    text = None
+    if calibration_file is not None:
+        if not calibration_file.is_file():
+            raise LlmcompError(f"calibration file {calibration_file} does not exist")
+        text = calibration_file.read_text(encoding="utf-8", errors="replace")
+    result = run_compress(model, parsed, output, overwrite=overwrite, dtype=dtype, shard_bytes=parse_size(shard_size),
+                          trust_remote_code=trust_remote_code, calibration_text=text)
+    console.print(summary_table(result.report, result.output_dir))
+
+
+@user_errors
+def recipes() -> None:
+    """List the built-in recipes."""
+    from llmcomp.recipes import builtin_recipes
+
+    table = Table("recipe", "description")
+    for name, desc in builtin_recipes().items():
+        table.add_row(name, desc)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress)
+    app.command("recipes")(recipes)

@@ -1,0 +1,85 @@
+"""``llmcomp inspect``: validate a checkpoint and show what each module became."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from llmcomp.cli.common import console, user_errors
+
+MODULE_COLUMNS = ("bits", "group_size", "symmetric", "bits_per_weight", "rel_error")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def describe(path: Path, verify: bool = True) -> dict[str, Any]:
+    """Validated summary of an llmcomp checkpoint (what `inspect --json` prints)."""
+    from llmcomp.formats.checkpoint import validate_checkpoint
+
+    info = validate_checkpoint(path, verify_hashes=verify)
+    report = info.report() or {}
+    per_module = report.get("modules", {})
+    modules = {}
+    for name, spec in info.modules.items():
+        merged = {**per_module.get(name, {}), **spec}
+        modules[name] = {k: merged.get(k) for k in ("type", "pass", *MODULE_COLUMNS)}
+    sizes = {f: meta["bytes"] for f, meta in info.quant_config["files"].items()}
+    group_counts: dict[str, int] = {}
+    for m in modules.values():
+        if m.get("group_size") is not None:
+            key = str(m["group_size"])
+            group_counts[key] = group_counts.get(key, 0) + 1
+    return {
+        "path": str(path),
+        "format_version": info.quant_config["format_version"],
+        "recipe": info.quant_config.get("recipe"),
+        "architecture": (info.config.get("architectures") or ["?"])[0],
+        "tensor_bytes": sum(sizes.values()),
+        "files": sizes,
+        "average_bits_per_weight": report.get("average_bits_per_weight"),
+        "compression_ratio": report.get("compression_ratio"),
+        "group_size_counts": group_counts,
+        "modules": modules,
+    }
+
+
+@user_errors
+def inspect(
+    path: Path = typer.Argument(..., help="llmcomp checkpoint directory"),
+    verify: bool = typer.Option(True, help="check SHA-256 of every tensor file"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    modules: bool = typer.Option(True, help="show the per-module table"),
+) -> None:
+    """Validate an llmcomp checkpoint and show per-module choices (bits, chosen group size, bits/weight,
+    error) and the average bits per weight including scales and zero points."""
+    summary = describe(path, verify)
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    if modules:
+        table = Table("module", "type", *MODULE_COLUMNS, title=str(path))
+        for name, m in summary["modules"].items():
+            table.add_row(name, _fmt(m.get("type")), *(_fmt(m.get(c)) for c in MODULE_COLUMNS))
+        console.print(table)
+    bpw = summary["average_bits_per_weight"]
+    ratio = summary["compression_ratio"]
+    console.print(
+        f"[bold]{summary['architecture']}[/] format v{summary['format_version']}, recipe {summary['recipe']}: "
+        f"{len(summary['modules'])} compressed modules, {summary['tensor_bytes'] / 1e6:.1f} MB of tensors, "
+        f"avg {_fmt(bpw)} bits/weight (incl. scales/zeros)"
+        + (f", {ratio:.2f}x smaller than the source" if ratio else "")
+        + (f"; group sizes chosen: {summary['group_size_counts']}" if summary["group_size_counts"] else "")
+    )
+    console.print("[green]checkpoint valid[/]" + (" (hashes verified)" if verify else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)

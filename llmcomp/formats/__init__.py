@@ -1,0 +1,1 @@
+"""Checkpoint format (read/write/validate) and exporters."""

@@ -1,0 +1,331 @@
+"""Sequential, layer-by-layer compression of a Hugging Face causal LM.
+
+Memory stays at about one decoder layer + calibration activations + the embeddings/head:
+
+1. a *skeleton* model with a single decoder layer holds the embeddings, rotary tables, final
+   norm and head (loaded from the checkpoint); its one layer is replaced by a catcher that
+   records the inputs and keyword arguments the first real layer would receive;
+2. each decoder layer is built on the meta device, materialised, filled from the safetensors
+   shards, compressed by every pass of the recipe (passes that need calibration see statistics
+   of this layer's inputs, which come from the already-compressed previous layers), its outputs
+   computed for the next layer, its tensors streamed to the output shards, and freed.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmcomp.calibration import calibration_batches, collect_input_stats, offline_calibration_text
+from llmcomp.errors import LlmcompError
+from llmcomp.formats.checkpoint import (
+    RECIPE_FILE,
+    REPORT_FILE,
+    CheckpointWriter,
+    quantization_config,
+)
+from llmcomp.lazy_weights import LazyWeights
+from llmcomp.loading import ModelSource, load_tokenizer, parse_dtype, resolve_source
+from llmcomp.passes.base import CompressionPass
+from llmcomp.recipes import Recipe
+
+CALIBRATION_BATCH = 8
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for the first decoder layer: records its inputs, then stops the forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+        self.captured.append((hidden_states, kwargs))
+        raise _StopForward
+
+
+@dataclass
+class LayerHandle:
+    """Where the decoder layers live inside the model (e.g. ``model.layers``)."""
+
+    prefix: str
+    count: int
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int) -> LayerHandle:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return LayerHandle(name, num_layers)
+    raise LlmcompError(f"cannot find the decoder layers ({num_layers}-element ModuleList) in {type(model).__name__}")
+
+
+@dataclass
+class CompressionResult:
+    output_dir: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _layer_config_count(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
+
+
+def _one_layer_config(config: Any) -> Any:
+    small = copy.deepcopy(config)
+    text = small.get_text_config() if hasattr(small, "get_text_config") else small
+    text.num_hidden_layers = 1
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:1]
+    return small
+
+
+def _local_source(source: ModelSource) -> Path:
+    if source.kind == "dir":
+        return source.path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                         "*.txt", "*.jinja"]))
+    except Exception as exc:  # network errors come in many types
+        raise LlmcompError(f"cannot download {source.location!r} from the hub: {str(exc).splitlines()[0]}") from exc
+
+
+class Pipeline:
+    """Runs a recipe over one model; see the module docstring for the memory model."""
+
+    def __init__(
+        self,
+        source: str,
+        recipe: Recipe,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        progress: bool = True,
+        calibration_text: str | None = None,
+    ) -> None:
+        from transformers import AutoConfig
+
+        self.recipe = recipe
+        self.passes: list[CompressionPass] = recipe.build_passes()
+        self.source = resolve_source(source)
+        self.model_dir = _local_source(self.source)
+        self.weights = LazyWeights(self.model_dir)
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
+        if getattr(self.config, "quantization_config", None):
+            raise LlmcompError(f"{source} is already quantized; compress an unquantized checkpoint")
+        requested = parse_dtype(dtype)
+        if requested == "auto":
+            requested = getattr(self.config, "dtype", None) or torch.float32
+        self.dtype: torch.dtype = getattr(torch, requested) if isinstance(requested, str) else requested
+        self.trust_remote_code = trust_remote_code
+        self.progress = progress
+        self.calibration_text = calibration_text
+        self.needs_calibration = any(p.requires_calibration for p in self.passes)
+
+    # -- model pieces --------------------------------------------------------------------------
+    def _build_skeleton(self) -> tuple[nn.Module, LayerHandle]:
+        from transformers import AutoModelForCausalLM
+
+        skeleton = AutoModelForCausalLM.from_config(
+            _one_layer_config(self.config), dtype=self.dtype, trust_remote_code=self.trust_remote_code
+        )
+        handle = find_decoder_layers(skeleton, 1)
+        own = [n for n in skeleton.state_dict() if not n.startswith(handle.prefix + ".")]
+        present = [n for n in own if n in self.weights]
+        skeleton.load_state_dict(self.weights.get(present), strict=False)
+        missing = set(own) - set(present)
+        if getattr(self.config, "tie_word_embeddings", False):
+            skeleton.tie_weights()
+            missing = {n for n in missing if "lm_head" not in n}
+        if missing:
+            raise LlmcompError(f"{self.model_dir}: checkpoint lacks {sorted(missing)[0]!r}")
+        skeleton.eval()
+        return skeleton, handle
+
+    def _build_layer(self, meta_layers: nn.ModuleList, prefix: str, index: int) -> nn.Module:
+        layer = meta_layers[index]
+        for name, module in layer.named_modules():
+            if getattr(module, "_non_persistent_buffers_set", None):
+                raise LlmcompError(
+                    f"decoder layer module {name!r} has non-persistent buffers: unsupported architecture"
+                )
+        layer = layer.to_empty(device="cpu")
+        layer_prefix = f"{prefix}.{index}."
+        names = [layer_prefix + n for n in layer.state_dict()]
+        tensors = self.weights.get(names)
+        layer.load_state_dict({n[len(layer_prefix):]: t for n, t in tensors.items()}, strict=True)
+        meta_layers[index] = nn.Identity()  # drop our reference to the meta module
+        return layer.eval()
+
+    def _meta_layers(self, handle_prefix: str) -> nn.ModuleList:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(
+                self.config, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+        layers = full.get_submodule(handle_prefix)
+        assert isinstance(layers, nn.ModuleList)
+        return layers
+
+    # -- calibration ---------------------------------------------------------------------------
+    def _capture_first_layer_inputs(self, skeleton: nn.Module, handle: LayerHandle):
+        tokenizer = load_tokenizer(ModelSource("dir", str(self.model_dir)), self.trust_remote_code)
+        cal = self.recipe.calibration
+        if self.calibration_text is not None:
+            text, where = self.calibration_text, "caller-provided text"
+        elif cal.data_file:
+            path = Path(cal.data_file)
+            if not path.is_file():
+                raise LlmcompError(f"calibration data_file {path} does not exist")
+            text, where = path.read_text(encoding="utf-8", errors="replace"), str(path)
+        else:
+            text, where = offline_calibration_text(), "offline license texts (llmcomp.calibration)"
+        ids = calibration_batches(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
+        catcher = _Catcher()
+        layers = skeleton.get_submodule(handle.prefix)
+        original = layers[0]
+        layers[0] = catcher
+        try:
+            with torch.inference_mode():
+                for start in range(0, ids.shape[0], CALIBRATION_BATCH):
+                    try:
+                        skeleton(input_ids=ids[start : start + CALIBRATION_BATCH], use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            layers[0] = original
+        return catcher.captured, {"source": where, "samples": cal.num_samples, "seq_len": cal.seq_len}
+
+    @staticmethod
+    def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[torch.Tensor]:
+        outs = []
+        with torch.inference_mode():
+            for hidden, kwargs in inputs:
+                out = layer(hidden, **kwargs)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    # -- main loop -----------------------------------------------------------------------------
+    def run(self, output_dir: str | Path, overwrite: bool = False, shard_bytes: int | None = None,
+            on_layer: Callable[[int, int], None] | None = None) -> CompressionResult:
+        t_start = time.perf_counter()
+        writer_kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
+        skeleton, handle = self._build_skeleton()
+        handle = LayerHandle(handle.prefix, _layer_config_count(self.config))
+        meta_layers = self._meta_layers(handle.prefix)
+        calib_info: dict[str, Any] | None = None
+        inputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        if self.needs_calibration:
+            inputs, calib_info = self._capture_first_layer_inputs(skeleton, handle)
+        module_specs: dict[str, dict[str, Any]] = {}
+        module_reports: dict[str, dict[str, Any]] = {}
+        layer_times: list[float] = []
+        original_bytes = 0
+        with CheckpointWriter(output_dir, overwrite=overwrite, **writer_kwargs) as writer, self._progress() as bar:
+            task = bar.add_task("compressing", total=handle.count) if bar else None
+            for i in range(handle.count):
+                t0 = time.perf_counter()
+                layer = self._build_layer(meta_layers, handle.prefix, i)
+                original_bytes += sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+                prefix = f"{handle.prefix}.{i}"
+                for p in self.passes:
+                    stats = None
+                    if p.requires_calibration:
+                        targets = p.target_linears(layer, prefix)
+                        with collect_input_stats(targets, with_hessian=p.needs_hessian) as stats:
+                            self._run_layer(layer, inputs)
+                    module_reports.update(p.process_layer(layer, prefix, stats))
+                if self.needs_calibration and i + 1 < handle.count:
+                    outs = self._run_layer(layer, inputs)
+                    inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs, strict=True)]
+                for sub, module in layer.named_modules():
+                    if hasattr(module, "spec") and callable(module.spec):
+                        module_specs[f"{prefix}.{sub}"] = module.spec()
+                writer.add({f"{prefix}.{n}": t for n, t in layer.state_dict().items()})
+                del layer
+                layer_times.append(time.perf_counter() - t0)
+                if bar is not None:
+                    bar.advance(task)
+                if on_layer is not None:
+                    on_layer(i, handle.count)
+            head = self._head_tensors(skeleton, handle)
+            original_bytes += sum(t.numel() * t.element_size() for t in head.values())
+            writer.add(head)
+            report = self._report(module_reports, layer_times, original_bytes, calib_info, t_start)
+            config = self.config.to_dict()
+            config["quantization_config"] = quantization_config(module_specs, recipe=self.recipe.name)
+            config.setdefault("dtype", str(self.dtype).removeprefix("torch."))
+            out = writer.commit(
+                config,
+                side_files={RECIPE_FILE: self.recipe.to_yaml(), REPORT_FILE: _json(report)},
+                copy_from=self.model_dir,
+            )
+        report["compressed_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        report["compression_ratio"] = report["original_bytes"] / max(report["compressed_bytes"], 1)
+        (out / REPORT_FILE).write_text(_json(report))
+        return CompressionResult(out, report)
+
+    def _head_tensors(self, skeleton: nn.Module, handle: LayerHandle) -> dict[str, torch.Tensor]:
+        state = skeleton.state_dict()
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        return {
+            n: t for n, t in state.items()
+            if not n.startswith(handle.prefix + ".") and not (tied and n.startswith("lm_head."))
+        }
+
+    def _progress(self):
+        from contextlib import nullcontext
+
+        if not self.progress:
+            return nullcontext(None)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("layers"), TimeElapsedColumn(), transient=False)
+
+    def _report(self, modules: dict[str, dict[str, Any]], layer_times: list[float], original_bytes: int,
+                calib: dict[str, Any] | None, t_start: float) -> dict[str, Any]:
+        bpw = [(m["bits_per_weight"], m.get("numel", 0)) for m in modules.values() if "bits_per_weight" in m]
+        weighted = sum(b * n for b, n in bpw)
+        total_n = sum(n for _, n in bpw)
+        return {
+            "recipe": self.recipe.name,
+            "source": self.source.location,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "calibration": calib,
+            "modules": modules,
+            "average_bits_per_weight": (weighted / total_n) if total_n else None,
+            "layer_seconds": [round(t, 4) for t in layer_times],
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "original_bytes": original_bytes,
+        }
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str)
+
+
+def compress(source: str, recipe: Recipe, output_dir: str | Path, overwrite: bool = False, dtype: str = "auto",
+             progress: bool = True, shard_bytes: int | None = None, trust_remote_code: bool = False,
+             calibration_text: str | None = None) -> CompressionResult:
+    """Compress ``source`` with ``recipe`` into an llmcomp checkpoint at ``output_dir``."""
+    pipe = Pipeline(source, recipe, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress,
+                    calibration_text=calibration_text)
+    return pipe.run(output_dir, overwrite=overwrite, shard_bytes=shard_bytes)

@@ -1,0 +1,1 @@
+"""Serving: native OpenAI-compatible server and the vLLM plugin (``llmcomp.serve``)."""
