@@ -14,6 +14,7 @@ Memory stays at about one decoder layer + calibration activations + the embeddin
 from __future__ import annotations
 
 import copy
+import ctypes
 import resource
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from llmcomp.formats.checkpoint import (
 )
 from llmcomp.lazy_weights import LazyWeights
 from llmcomp.loading import ModelSource, load_tokenizer, parse_dtype, resolve_source
-from llmcomp.passes.base import CompressionPass
+from llmcomp.passes.base import CompressionPass, set_submodule
 from llmcomp.recipes import Recipe
 
 CALIBRATION_BATCH = 8
@@ -92,6 +93,34 @@ def _one_layer_config(config: Any) -> Any:
     return small
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after each layer (glibc keeps them otherwise, and the
+    process would grow by a layer's worth of garbage per layer)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
+def _rebuild_computed_buffers(model: nn.Module) -> None:
+    """Re-create modules whose buffers are computed at init, not stored (e.g. rotary tables)."""
+    for name, module in list(model.named_modules()):
+        if not getattr(module, "_non_persistent_buffers_set", None):
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise LlmcompError(f"module {name!r} has computed buffers and no config: unsupported architecture")
+        with torch.device("cpu"):
+            set_submodule(model, name, type(module)(config))
+
+
 def _local_source(source: ModelSource) -> Path:
     if source.kind == "dir":
         return source.path
@@ -137,13 +166,18 @@ class Pipeline:
 
     # -- model pieces --------------------------------------------------------------------------
     def _build_skeleton(self) -> tuple[nn.Module, LayerHandle]:
+        """Embeddings, rotary tables, final norm and head, without a second copy of anything:
+        built on the meta device, materialised empty, filled from the checkpoint."""
         from transformers import AutoModelForCausalLM
 
-        skeleton = AutoModelForCausalLM.from_config(
-            _one_layer_config(self.config), dtype=self.dtype, trust_remote_code=self.trust_remote_code
-        )
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                _one_layer_config(self.config), dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
         handle = find_decoder_layers(skeleton, 1)
-        own = [n for n in skeleton.state_dict() if not n.startswith(handle.prefix + ".")]
+        skeleton.get_submodule(handle.prefix)[0] = nn.Identity()  # real layers are built one at a time
+        skeleton.to_empty(device="cpu")
+        own = list(skeleton.state_dict())
         present = [n for n in own if n in self.weights]
         skeleton.load_state_dict(self.weights.get(present), strict=False)
         missing = set(own) - set(present)
@@ -152,6 +186,7 @@ class Pipeline:
             missing = {n for n in missing if "lm_head" not in n}
         if missing:
             raise LlmcompError(f"{self.model_dir}: checkpoint lacks {sorted(missing)[0]!r}")
+        _rebuild_computed_buffers(skeleton)
         skeleton.eval()
         return skeleton, handle
 
@@ -257,6 +292,7 @@ class Pipeline:
                         module_specs[f"{prefix}.{sub}"] = module.spec()
                 writer.add({f"{prefix}.{n}": t for n, t in layer.state_dict().items()})
                 del layer
+                _release_freed_memory()
                 layer_times.append(time.perf_counter() - t0)
                 if bar is not None:
                     bar.advance(task)

@@ -54,3 +54,13 @@ def tiny_llama_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
     path = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_llama(path, tokenizer_dir)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_factory(tokenizer_dir: Path):
+    """``factory(path, seed=0, dtype=float32, **config_overrides)`` saves a random tiny Llama at ``path``."""
+
+    def factory(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+        return make_tiny_llama(path, tokenizer_dir, seed=seed, dtype=dtype, **overrides)
+
+    return factory

@@ -25,7 +25,7 @@ from llmcomp.errors import CheckpointError
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmcomp"
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+DEFAULT_SHARD_BYTES = 1024**3  # also bounds the writer's memory: one shard is buffered before it is written
 INDEX_FILE = "model.safetensors.index.json"
 RECIPE_FILE = "llmcomp_recipe.yaml"
 REPORT_FILE = "llmcomp_report.json"
