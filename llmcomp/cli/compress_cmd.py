@@ -59,7 +59,7 @@ def compress(
     calibration_file: Path | None = typer.Option(
         None, help="plain-text calibration data (overrides the recipe's); default: offline English text"
     ),
-    shard_size: str = typer.Option("1GB", help="maximum size of one safetensors shard (one shard is buffered in memory)"),
+    shard_size: str = typer.Option("1GB", help="max size of one safetensors shard (one is buffered in memory)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom modelling code from the model repo"),
 ) -> None:
     """Compress MODEL with a recipe and write an llmcomp checkpoint loadable by from_pretrained, vLLM and
