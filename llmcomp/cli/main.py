@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "llmcomp.cli.compress_cmd",
     "llmcomp.cli.inspect_cmd",
     "llmcomp.cli.demo_cmd",
+    "llmcomp.cli.eval_cmd",
 ]
 
 app = typer.Typer(
