@@ -178,3 +178,26 @@ def test_writer_cleans_up_on_error(tmp_path):
         writer.add({"a": torch.arange(4)})
         raise ValueError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("order", ["llmcomp-first", "transformers-first"])
+def test_import_llmcomp_registers_the_format(good_ckpt, order):
+    """``import llmcomp`` stays cheap yet from_pretrained sees the format, whatever the import order."""
+    import subprocess
+    import sys
+
+    imports = ["import llmcomp", "from transformers import AutoModelForCausalLM"]
+    if order == "transformers-first":
+        imports.reverse()
+    code = "\n".join([
+        "import sys",
+        "import llmcomp" if order == "llmcomp-first" else "pass",
+        "assert 'transformers.quantizers.auto' not in sys.modules or "
+        f"{order == 'transformers-first'}, 'import llmcomp pulled in the quantizer registry'",
+        *imports,
+        f"m = AutoModelForCausalLM.from_pretrained({str(good_ckpt)!r})",
+        "print(type(m.model.layers[0].mlp.up_proj).__name__)",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "QuantLinear"
