@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "llmcomp.cli.inspect_cmd",
     "llmcomp.cli.demo_cmd",
     "llmcomp.cli.eval_cmd",
+    "llmcomp.cli.serve_cmd",
 ]
 
 app = typer.Typer(

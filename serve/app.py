@@ -1,0 +1,389 @@
+"""HTTP layer of the native server: OpenAI routes, auth, errors, SSE streaming, metrics.
+
+It only validates, tokenizes and formats; generation happens in :class:`llmcomp.serve.engine.Engine`,
+whose bounded queue turns overload into 429 + ``Retry-After`` here. Every failure is answered with
+the OpenAI error JSON and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmcomp.serve import openai_format as fmt
+from llmcomp.serve.engine import Engine, EngineClosedError, QueueFullError, RequestOutput
+from llmcomp.serve.metrics import ServerMetrics
+from llmcomp.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
+)
+from llmcomp.serve.sampling import SamplingParams
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_MAX_TOKENS = 512  # cap for chat requests that give no limit (CPU serving: keep it finite)
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client left
+KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+
+
+@dataclass
+class _Job:
+    """One validated request: the sequences to run and how to format the answer."""
+
+    chat: bool
+    model: str
+    sequences: list[tuple[list[int], SamplingParams, int]]  # (prompt ids, params, prompt index)
+    want_logprobs: bool
+    include_usage: bool
+    stream: bool
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``config.model_name``."""
+    app = FastAPI(title="llmcomp native server", docs_url=None, redoc_url=None)
+    metrics = ServerMetrics()
+    token_text = fmt.TokenText(engine.tokenizer)
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+
+    app.add_middleware(_AuthAndCount, api_key=config.api_key, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), type_=kind))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return _error_response(APIError(500, message, type_="server_error"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": config.model_name, "active": engine.num_active,
+                "waiting": engine.num_waiting}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body = metrics.render(engine.num_waiting, engine.num_active)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(config.model_name, engine.context_length)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        _check_model(model_id, config.model_name)
+        return _model_card(config.model_name, engine.context_length)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        started = time.perf_counter()
+        req = _parse(CompletionRequest, await _read_json(request))
+        _check_model(req.model, config.model_name)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
+        prompts = [_tokenize_prompt(engine, p) for p in req.prompts()]
+        job = _build_job(engine, req, prompts, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, req.logprobs,
+                         chat=False)
+        return await _run(request, engine, metrics, token_text, job, "completions", started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        req = _parse(ChatCompletionRequest, await _read_json(request))
+        _check_model(req.model, config.model_name)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs",
+                           code="invalid_value")
+        prompt = _render_chat(engine, req)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        job = _build_job(engine, req, [prompt], req.requested_max_tokens(), DEFAULT_CHAT_MAX_TOKENS, k,
+                         chat=True)
+        return await _run(request, engine, metrics, token_text, job, "chat", started)
+
+    return app
+
+
+class _AuthAndCount:
+    """Pure ASGI middleware: API-key check on /v1 routes and request counting by status.
+
+    (Starlette's ``BaseHTTPMiddleware`` would hide client disconnects from the routes.)
+    """
+
+    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = 500
+
+        async def send_and_record(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and path.startswith("/v1/") and not _authorized(scope, self.api_key):
+                error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                 type_="authentication_error", code="invalid_api_key")
+                await _error_response(error)(scope, receive, send_and_record)
+            else:
+                await self.app(scope, receive, send_and_record)
+        finally:
+            if status == 429:
+                self.metrics.rejected.inc()
+            label = path if path in KNOWN_PATHS else "other"
+            self.metrics.requests.labels(endpoint=label, status=str(status)).inc()
+
+
+# -- request preparation ----------------------------------------------------------------------
+def _authorized(scope: Any, api_key: str) -> bool:
+    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+async def _read_json(request: Request) -> Any:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _parse(schema: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _check_model(name: str, served: str) -> None:
+    if name != served:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+                       param="model", code="model_not_found")
+
+
+def _model_card(name: str, context_length: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": fmt.now(), "owned_by": "llmcomp",
+            "max_model_len": context_length}
+
+
+def _tokenize_prompt(engine: Engine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(engine.tokenizer(prompt).input_ids)
+    vocab = engine.model.config.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                       param="prompt", code="invalid_value")
+    return list(prompt)
+
+
+def _render_chat(engine: Engine, req: ChatCompletionRequest) -> list[int]:
+    tok = engine.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
+                       param="messages", code="no_chat_template")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja templates raise their own errors (e.g. roles must alternate)
+        raise APIError(400, f"chat template rejected the messages: {exc}", param="messages",
+                       code="invalid_value") from None
+    return list(tok(text, add_special_tokens=False).input_ids)
+
+
+def _build_job(
+    engine: Engine, req: Any, prompts: list[list[int]], max_tokens: int | None, default_max: int,
+    logprobs: int | None, chat: bool,
+) -> _Job:
+    ctx = engine.context_length
+    sequences = []
+    for index, ids in enumerate(prompts):
+        if not ids:
+            raise APIError(400, "prompt is empty (zero tokens)", param="prompt", code="invalid_value")
+        room = ctx - len(ids)
+        if room <= 0:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                           f"{len(ids)} tokens.", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you "
+                           f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                           f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+        limit = max_tokens if max_tokens is not None else min(default_max, room)
+        for i in range(req.n):
+            seed = None if req.seed is None else req.seed + i
+            params = SamplingParams(limit, req.temperature, req.top_p, req.stop_list(), seed, logprobs,
+                                    req.ignore_eos)
+            sequences.append((ids, params, index))
+    return _Job(chat, req.model, sequences, logprobs is not None, req.include_usage, req.stream)
+
+
+# -- running a job ----------------------------------------------------------------------------
+class _Submission:
+    """The engine handles of one job and the asyncio queue their events arrive on."""
+
+    def __init__(self, engine: Engine, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+
+        def sink_for(i: int) -> Any:
+            def sink(ev: RequestOutput) -> None:
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+                except RuntimeError:  # the event loop is gone (server shutting down)
+                    pass
+
+            return sink
+
+        try:
+            self.handles = engine.submit_many(
+                [(ids, p, sink_for(i)) for i, (ids, p, _) in enumerate(job.sequences)]
+            )
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), type_="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+        except EngineClosedError as exc:
+            raise APIError(503, str(exc), type_="server_error", code="shutting_down") from None
+
+    async def events(self, request: Request | None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``(choice index, event)`` until every sequence is finished.
+
+        Leaving early (client gone, generator closed or cancelled) cancels whatever is still
+        running, so its batch slot is freed at the next engine step.
+        """
+        remaining = len(self.handles)
+        next_check = time.monotonic() + DISCONNECT_POLL_S
+        try:
+            while remaining:
+                if request is not None and time.monotonic() >= next_check:
+                    if await request.is_disconnected():
+                        return
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
+                try:
+                    i, ev = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    continue
+                remaining -= ev.finished
+                yield i, ev
+        finally:
+            for handle in self.handles:
+                handle.cancel()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _run(
+    request: Request, engine: Engine, metrics: ServerMetrics, token_text: fmt.TokenText, job: _Job,
+    endpoint: str, started: float,
+) -> Response:
+    rid = fmt.new_id("chatcmpl" if job.chat else "cmpl")
+    choices = [fmt.ChoiceState(prompt_tokens=len(ids), prompt_index=index) for ids, _, index in job.sequences]
+    seen_token = False
+
+    def record(i: int, ev: RequestOutput) -> None:
+        nonlocal seen_token
+        c = choices[i]
+        c.text.append(ev.text)
+        c.logprobs.extend(ev.logprobs)
+        c.completion_tokens = ev.completion_tokens
+        if ev.token_ids and not seen_token:
+            seen_token = True
+            metrics.ttft.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+        if ev.finished:
+            c.finish_reason = ev.finish_reason
+
+    def account() -> None:
+        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+        use = fmt.usage(choices)
+        metrics.prompt_tokens.inc(use["prompt_tokens"])
+        metrics.generation_tokens.inc(use["completion_tokens"])
+
+    submission = _Submission(engine, job)  # 429/503 are raised here, before any response starts
+    if not job.stream:
+        try:
+            async for i, ev in submission.events(request):
+                if ev.error:
+                    raise APIError(500, f"generation failed: {ev.error}", type_="server_error")
+                record(i, ev)
+        finally:
+            account()
+        build = fmt.chat_response if job.chat else fmt.completion_response
+        return JSONResponse(build(rid, job.model, choices, job.want_logprobs, token_text))
+
+    async def stream() -> AsyncIterator[str]:
+        offsets = [0] * len(choices)
+        try:
+            async for i, ev in submission.events(None):
+                if ev.error:
+                    yield _sse(APIError(500, f"generation failed: {ev.error}", type_="server_error").body())
+                    return
+                record(i, ev)
+                c = choices[i]
+                if job.chat:
+                    delta: dict[str, Any] = {}
+                    if not c.started:
+                        c.started = True
+                        delta["role"] = "assistant"
+                    if ev.text or delta:
+                        delta["content"] = ev.text
+                    lps = fmt.chat_logprobs(ev.logprobs, token_text) if job.want_logprobs else None
+                    yield _sse(fmt.chat_chunk(rid, job.model, i, delta, lps, ev.finish_reason))
+                else:
+                    lps = None
+                    if job.want_logprobs:
+                        lps = fmt.completion_logprobs(ev.logprobs, token_text, offsets[i])
+                        offsets[i] += sum(len(t) for t in lps["tokens"])
+                    yield _sse(fmt.completion_chunk(rid, job.model, i, ev.text, lps, ev.finish_reason))
+            if job.include_usage:
+                obj = "chat.completion.chunk" if job.chat else "text_completion"
+                yield _sse(fmt.usage_chunk(rid, job.model, obj, choices))
+            yield "data: [DONE]\n\n"
+        finally:
+            account()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the native server, on a private registry per app (tests build many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    """Request counts by endpoint/status, token counters, latency and TTFT histograms, load gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llmcomp_requests", "Requests by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.rejected = Counter("llmcomp_rejected_requests", "Requests refused because the queue was full",
+                                registry=r)
+        self.prompt_tokens = Counter("llmcomp_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("llmcomp_generation_tokens", "Tokens generated", registry=r)
+        self.latency = Histogram("llmcomp_request_latency_seconds", "End-to-end request latency",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.ttft = Histogram("llmcomp_time_to_first_token_seconds", "Time to the first generated token",
+                              ["endpoint"], buckets=TTFT_BUCKETS_S, registry=r)
+        self.queue_depth = Gauge("llmcomp_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.active = Gauge("llmcomp_active_sequences", "Sequences in the running batch", registry=r)
+
+    def render(self, waiting: int, active: int) -> bytes:
+        self.queue_depth.set(waiting)
+        self.active.set(active)
+        return generate_latest(self.registry)

