@@ -147,9 +147,17 @@ def dequantize_qw(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> to
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed ``q`` (int8 ``[N, K]``) into the storage layout described in the module doc."""
-    vpw = values_per_word(bits)
+    values_per_word(bits)  # validates bits
     if bits == 8:
         return q.to(torch.int8).contiguous()
+    return pack_words(q, bits)
+
+
+def pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``32 // bits`` signed values per int32 word along K (unsigned ``q + 2**(bits-1)``,
+    lowest bits first, zero padding). Also used with ``bits == 8`` by exporters whose format
+    packs 8-bit values too."""
+    vpw = 32 // bits
     n, k = q.shape
     words = math.ceil(k / vpw)
     u = (q.to(torch.int64) + 2 ** (bits - 1)).clamp(0, 2**bits - 1)

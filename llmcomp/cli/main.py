@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "llmcomp.cli.demo_cmd",
     "llmcomp.cli.eval_cmd",
     "llmcomp.cli.serve_cmd",
+    "llmcomp.cli.export_cmd",
+    "llmcomp.cli.bench_cmd",
 ]
 
 app = typer.Typer(

@@ -1,0 +1,97 @@
+"""``llmcomp bench``: CPU decode throughput of a model or checkpoint with the fast decode loop."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from llmcomp.cli.common import console, user_errors
+from llmcomp.errors import LlmcompError
+
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise LlmcompError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise LlmcompError(f"--batch-sizes needs positive integers, got {text!r}")
+    return sizes
+
+
+def run_bench(model_source: str, batch_sizes: list[int], tokens: int, dtype: str, threads: int | None,
+              compile_step: bool, warmup: int, prompt: str) -> dict[str, Any]:
+    """Load once, then one timed generation per batch size (after ``warmup`` short runs)."""
+    import torch
+
+    from llmcomp.generation import generate
+    from llmcomp.loading import load_model
+
+    if tokens < 2:
+        raise LlmcompError(f"--tokens must be at least 2, got {tokens}")
+    if threads:
+        torch.set_num_threads(threads)
+    model, tok = load_model(model_source, dtype=dtype)
+    results = []
+    for bs in batch_sizes:
+        prompts = [prompt] * bs
+        for _ in range(warmup):
+            generate(model, tok, prompts, max_new_tokens=4, stop_at_eos=False, compile=compile_step)
+        res = generate(model, tok, prompts, max_new_tokens=tokens, stop_at_eos=False, compile=compile_step)
+        results.append({
+            "batch_size": bs,
+            "new_tokens_per_sequence": tokens,
+            "decode_tokens_per_second": round(res.decode_tokens_per_second, 2),
+            "ms_per_step": round(1000 * res.decode_seconds / max(res.decode_steps, 1), 2),
+            "prefill_seconds": round(res.prefill_seconds, 3),
+            "compile_seconds": round(res.compile_seconds, 1),
+            "sample": res.texts[0][:80],
+        })
+    return {
+        "model": model_source,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "compiled": compile_step,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "results": results,
+    }
+
+
+@user_errors
+def bench(
+    model: str = typer.Argument(..., help="llmcomp checkpoint, HF directory, hub id, or alias smollm2-135m"),
+    batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
+    tokens: int = typer.Option(64, help="new tokens generated per sequence"),
+    dtype: str = typer.Option("bfloat16", help="activation dtype: bfloat16 (fast int4/int8 paths), float32, ..."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    compile_step: bool = typer.Option(False, "--compile", help="torch.compile the decode step (slow first call)"),
+    warmup: int = typer.Option(1, help="short untimed runs before each measurement"),
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="prompt repeated over the batch"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    out: Path | None = typer.Option(None, help="also write the JSON result to this file"),
+) -> None:
+    """Measure CPU decode tokens/s (static KV cache decode loop) at each batch size."""
+    result = run_bench(model, parse_batch_sizes(batch_sizes), tokens, dtype, threads, compile_step, warmup, prompt)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    table = Table("batch", "decode tok/s", "ms/step", "prefill s", title=f"{model} ({result['dtype']}, "
+                  f"{result['threads']} threads{', compiled' if compile_step else ''})")
+    for r in result["results"]:
+        table.add_row(str(r["batch_size"]), f"{r['decode_tokens_per_second']:.1f}", f"{r['ms_per_step']:.1f}",
+                      f"{r['prefill_seconds']:.2f}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

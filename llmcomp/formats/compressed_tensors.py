@@ -1,0 +1,213 @@
+"""Export llmcomp ``quant_linear`` checkpoints to compressed-tensors ``pack-quantized`` (stock vLLM).
+
+What the format can express, and so what is exported: weight-only int4 / int8, one scale per
+output channel (``strategy: channel``) or per group of columns that divides K
+(``strategy: group``), symmetric or asymmetric with integer zero points. Anything else (int2/3,
+a short last group, other module types such as sparse or factorized layers) is refused with a
+one-line reason naming the module.
+
+Tensor conventions (compressed-tensors 0.17, ``compressors/pack_quantized``), all checked against
+the library in tests/test_export_ct.py:
+
+* ``weight_packed``: int32 ``[N, ceil(K / (32 // bits))]``, values stored unsigned as
+  ``q + 2**(bits-1)``, lowest bits first along K. Identical to llmcomp's layout for 4 bits; our
+  unpacked int8 storage is packed 4 per word for 8 bits.
+* ``weight_zero_point``: signed ints packed the same way but along the **output** dimension
+  (``packed_dim=0``): int32 ``[ceil(N / (32 // bits)), groups]``. Absent when symmetric.
+* ``weight_scale`` ``[N, groups]`` in the model dtype, ``weight_shape`` int64 ``[2]``.
+* Dequantization ``(q - z) * s``: the same as llmcomp's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from llmcomp import intquant
+from llmcomp.errors import LlmcompError
+from llmcomp.formats.checkpoint import INDEX_FILE, SIDE_FILES, load_tensors, validate_checkpoint
+
+FORMAT = "pack-quantized"
+EXPORTABLE_BITS = (4, 8)
+CT_QUANT_METHOD = "compressed-tensors"
+CT_VERSION = "0.17.0"  # the compressed-tensors release whose conventions this writer follows
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One compressed-tensors config group: everything but the targets."""
+
+    bits: int
+    strategy: str  # "channel" or "group"
+    group_size: int | None
+    symmetric: bool
+
+    def weights_args(self) -> dict[str, Any]:
+        return {
+            "num_bits": self.bits,
+            "type": "int",
+            "symmetric": self.symmetric,
+            "group_size": self.group_size,
+            "strategy": self.strategy,
+            "block_structure": None,
+            "dynamic": False,
+            "actorder": None,
+            "scale_dtype": None,
+            "zp_dtype": None if self.symmetric else "torch.int8",
+            "observer": "minmax",
+            "observer_kwargs": {},
+        }
+
+
+@dataclass
+class ExportSummary:
+    output_dir: Path
+    schemes: dict[str, list[str]] = field(default_factory=dict)  # group name -> module names
+    bytes: int = 0
+
+
+def scheme_for(name: str, spec: dict[str, Any]) -> Scheme:
+    """The compressed-tensors scheme of one module spec, or a one-line refusal."""
+    if spec.get("type") != "quant_linear":
+        raise LlmcompError(
+            f"cannot export {name!r} to compressed-tensors: module type {spec.get('type')!r} has no "
+            "pack-quantized equivalent (only quant_linear int4/int8 weights do)"
+        )
+    bits, k, group = int(spec["bits"]), int(spec["in_features"]), int(spec["group_size"])
+    if bits not in EXPORTABLE_BITS:
+        raise LlmcompError(
+            f"cannot export {name!r} to compressed-tensors: {bits}-bit weights (vLLM's pack-quantized "
+            f"kernels take {' or '.join(map(str, EXPORTABLE_BITS))} bits)"
+        )
+    if group >= k:
+        return Scheme(bits, "channel", None, bool(spec["symmetric"]))
+    if k % group:
+        raise LlmcompError(
+            f"cannot export {name!r} to compressed-tensors: group size {group} does not divide "
+            f"in_features {k} (the format has no short last group); re-compress with group sizes that divide "
+            f"{k} (finequant: require_divisible: true)"
+        )
+    return Scheme(bits, "group", group, bool(spec["symmetric"]))
+
+
+def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Pack signed ``q`` (int8, 2-D) into int32 words along ``dim`` (compressed-tensors layout)."""
+    if dim == 0:
+        return pack_int32(q.t(), bits, 1).t().contiguous()
+    return intquant.pack_words(q, bits)
+
+
+def _convert_module(prefix: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    bits, k = int(spec["bits"]), int(spec["in_features"])
+    out: dict[str, torch.Tensor] = {}
+    packed = tensors[f"{prefix}.weight_packed"]
+    if bits == 8:
+        packed = pack_int32(intquant.unpack(packed, 8, k), 8)
+    out[f"{prefix}.weight_packed"] = packed.contiguous()
+    out[f"{prefix}.weight_scale"] = tensors[f"{prefix}.weight_scale"]
+    out[f"{prefix}.weight_shape"] = tensors[f"{prefix}.weight_shape"].to(torch.int64)
+    zp = tensors.get(f"{prefix}.weight_zero_point")
+    if zp is not None:
+        out[f"{prefix}.weight_zero_point"] = pack_int32(zp.to(torch.int8), bits, dim=0)
+    if f"{prefix}.bias" in tensors:
+        out[f"{prefix}.bias"] = tensors[f"{prefix}.bias"]
+    return out
+
+
+def _ct_config(schemes: dict[Scheme, list[str]], ignore: list[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    groups, names = {}, {}
+    for i, (scheme, targets) in enumerate(sorted(schemes.items(), key=lambda kv: str(kv[0]))):
+        key = f"group_{i}"
+        groups[key] = {
+            "targets": sorted(targets),
+            "weights": scheme.weights_args(),
+            "input_activations": None,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+        names[key] = sorted(targets)
+    config = {
+        "quant_method": CT_QUANT_METHOD,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "version": CT_VERSION,
+    }
+    return config, names
+
+
+def _dense_linears(config: dict[str, Any], tensor_names: list[str], quantized: set[str]) -> list[str]:
+    """Linear layers left dense (lm_head, skipped modules): compressed-tensors must ignore them."""
+    dense = []
+    for name in tensor_names:
+        if not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        if module in quantized or "embed" in module or "norm" in module:
+            continue
+        dense.append(module)
+    if config.get("tie_word_embeddings") and "lm_head" not in dense:
+        dense.append("lm_head")
+    return sorted(dense)
+
+
+def export_compressed_tensors(source: str | Path, output: str | Path, overwrite: bool = False) -> ExportSummary:
+    """Convert the llmcomp checkpoint at ``source`` into a compressed-tensors directory ``output``."""
+    info = validate_checkpoint(source)
+    modules = info.modules
+    if not modules:
+        raise LlmcompError(f"{source}: the checkpoint has no compressed modules to export")
+    schemes: dict[Scheme, list[str]] = {}
+    for name, spec in modules.items():
+        schemes.setdefault(scheme_for(name, spec), []).append(name)
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise LlmcompError(f"{out} already exists; pass --overwrite to replace it")
+    ignore = _dense_linears(info.config, list(info.tensors), set(modules))
+    qconfig, names = _ct_config(schemes, ignore)
+    config = {k: v for k, v in info.config.items() if k != "quantization_config"}
+    config["quantization_config"] = qconfig
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = sorted({t.file for t in info.tensors.values()})
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, fname in enumerate(files):
+            tensors = load_tensors(info, [n for n, t in info.tensors.items() if t.file == fname])
+            converted: dict[str, torch.Tensor] = {}
+            for mod_name in [m for m in modules if f"{m}.weight_packed" in tensors]:
+                converted.update(_convert_module(mod_name, modules[mod_name], tensors))
+            for name, tensor in tensors.items():
+                owner = name.rsplit(".", 1)[0]
+                if owner not in modules:
+                    converted[name] = tensor.contiguous()
+            final = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            save_file(converted, str(tmp / final), metadata={"format": "pt"})
+            total += (tmp / final).stat().st_size
+            weight_map.update({n: final for n in converted})
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        for fname in SIDE_FILES:
+            if (info.path / fname).is_file():
+                shutil.copy2(info.path / fname, tmp / fname)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportSummary(out, names, total)

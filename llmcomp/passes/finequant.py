@@ -1,0 +1,206 @@
+"""FineQuant: calibration-free weight-only quantization with per-matrix adaptive granularity.
+
+For each linear layer it walks a ladder of group sizes, coarsest first (one scale per output
+channel, then powers of two halving down to ``min_group_size``), fitting scales (and zero points)
+at each rung by alternating least squares (:func:`~llmcomp.passes.finequant_fit.fit_quantize`).
+It stops refining as soon as the finer grid no longer pays for its extra scale bits at a fixed
+price per bit
+(:func:`~llmcomp.passes.finequant_fit.worth_refining`): matrices with outliers get small groups,
+smooth ones stay coarse. Projections that inference engines fuse (q/k/v, gate/up) are tied to the
+finest group size any of them needs, so the fused weight has one layout.
+
+The error that drives the choice is the relative weight error, or, when the pipeline provides
+input statistics for the layer, the activation-weighted error ``sum_j E[x_j^2] (W - W')_ij^2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from llmcomp import intquant
+from llmcomp.calibration import InputStats
+from llmcomp.modules.quant_linear import QuantLinear
+from llmcomp.passes import finequant_fit as fit
+from llmcomp.passes.base import CompressionPass, ModuleReport, PassConfig, register_pass, set_submodule
+
+DEFAULT_FUSED_SETS = [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+DEFAULT_MIN_GROUP = 32
+# Price of one extra bit per weight, in relative squared weight error. 0.015 picks group 64-128
+# for int4 on SmolLM2, per-channel for int8 and group 32-64 for int3 (see docs/FINEQUANT.md).
+DEFAULT_THRESHOLD = 0.015
+
+
+class FineQuantConfig(PassConfig):
+    bits: Literal[2, 3, 4, 8] = 4
+    symmetric: bool = False
+    min_group_size: int = Field(
+        DEFAULT_MIN_GROUP, ge=1, description="finest group size the ladder may reach (the floor)"
+    )
+    max_group_size: int = Field(
+        -1, description="coarsest group size to start from; -1 = one scale per output channel"
+    )
+    threshold: float = Field(
+        DEFAULT_THRESHOLD,
+        ge=0.0,
+        description=(
+            "refine while (err_coarse^2 - err_fine^2) / extra bits per weight > threshold "
+            "(relative weight errors); smaller refines more, 0 = refine to the floor"
+        ),
+    )
+    require_divisible: bool = Field(
+        False,
+        description="only group sizes that divide in_features (no short last group; needed by compressed-tensors)",
+    )
+    target_error: float = Field(
+        0.0,
+        ge=0.0,
+        description=(
+            "stop refining once the relative weight error is at most this (0 = off); int8 uses it to "
+            "stay per-channel, the layout the fast int8 CPU kernel needs"
+        ),
+    )
+    fit_iters: int = Field(fit.DEFAULT_FIT_ITERS, ge=0, description="least-squares scale fitting rounds; 0 = RTN")
+    tie_fused: bool = Field(True, description="give fused siblings (q/k/v, gate/up) one bits/group/symmetric")
+    activation_aware: bool = Field(
+        False,
+        description="weight the granularity error by calibration input energy E[x_j^2] (needs calibration)",
+    )
+    fused_sets: list[list[str]] = Field(
+        default_factory=lambda: [list(s) for s in DEFAULT_FUSED_SETS],
+        description="child names that inference engines fuse when they share a parent module",
+    )
+
+
+def fused_groups(names: Iterable[str], fused_sets: list[list[str]]) -> list[list[str]]:
+    """Partition full module names into tie groups: siblings of one fused set share a group."""
+    groups: dict[tuple[str, int] | str, list[str]] = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        key: tuple[str, int] | str = name
+        for idx, members in enumerate(fused_sets):
+            if child in members:
+                key = (parent, idx)
+                break
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def _scale_bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits if dtype.is_floating_point else 32
+
+
+class _Search:
+    """Ladder search for one matrix; caches every fitted grid so tying costs no refit."""
+
+    def __init__(self, weight: torch.Tensor, cfg: FineQuantConfig, column_weight: torch.Tensor | None):
+        self.w = weight.detach()
+        self.cfg = cfg
+        self.column_weight = column_weight
+        self.fitted: dict[int, intquant.QuantizedWeight] = {}
+        self.errors: dict[int, float] = {}
+
+    def at(self, group: int, bits: int, symmetric: bool) -> intquant.QuantizedWeight:
+        if group not in self.fitted:
+            qw = fit.fit_quantize(self.w, bits, group, symmetric, self.cfg.fit_iters, self.w.dtype)
+            self.fitted[group] = qw
+            self.errors[group] = fit.relative_error(self.w, intquant.dequantize_qw(qw), self.column_weight)
+        return self.fitted[group]
+
+    def ladder(self) -> list[int]:
+        k = self.w.shape[1]
+        ladder = fit.group_ladder(k, self.cfg.min_group_size, self.cfg.require_divisible)
+        if self.cfg.max_group_size > 0:
+            ladder = [g for g in ladder if g <= self.cfg.max_group_size] or [ladder[-1]]
+        return ladder
+
+    def choose(self, bits: int, symmetric: bool) -> int:
+        """Coarsest rung after which one more halving is not worth its scale bits."""
+        k = self.w.shape[1]
+        sbits = _scale_bits(self.w.dtype)
+        ladder = self.ladder()
+        current = ladder[0]
+        self.at(current, bits, symmetric)
+        for finer in ladder[1:]:
+            if self.errors[current] <= self.cfg.target_error:
+                break
+            self.at(finer, bits, symmetric)
+            extra = fit.meta_bits_per_weight(k, finer, not symmetric, sbits) - fit.meta_bits_per_weight(
+                k, current, not symmetric, sbits
+            )
+            if not fit.worth_refining(self.errors[current], self.errors[finer], extra, self.cfg.threshold):
+                break
+            current = finer
+        return current
+
+
+@register_pass
+class FineQuantPass(CompressionPass):
+    """Adaptive-granularity weight-only int quantization (FineQuant, Kim et al. 2023)."""
+
+    name = "finequant"
+    Config = FineQuantConfig
+
+    def __init__(self, config: FineQuantConfig) -> None:
+        super().__init__(config)
+        # Calibration-free unless asked: the pipeline reads this from the instance.
+        self.requires_calibration = bool(config.activation_aware)  # type: ignore[misc]
+
+    def process_layer(
+        self, layer: nn.Module, prefix: str, stats: dict[str, InputStats] | None
+    ) -> dict[str, ModuleReport]:
+        targets = self.target_linears(layer, prefix)
+        base: FineQuantConfig = self.config  # type: ignore[assignment]
+        groups = fused_groups(targets, base.fused_sets) if base.tie_fused else [[n] for n in targets]
+        reports: dict[str, ModuleReport] = {}
+        for members in groups:
+            reports.update(self._process_group(layer, prefix, targets, members, stats))
+        return reports
+
+    def _process_group(
+        self,
+        layer: nn.Module,
+        prefix: str,
+        targets: dict[str, nn.Linear],
+        members: list[str],
+        stats: dict[str, InputStats] | None,
+    ) -> dict[str, ModuleReport]:
+        cfgs: dict[str, FineQuantConfig] = {n: self.config_for(n) for n in members}  # type: ignore[misc]
+        # Fused siblings must agree: take the most precise choice any of them asks for.
+        bits = max(c.bits for c in cfgs.values())
+        symmetric = all(c.symmetric for c in cfgs.values())
+        searches, chosen = {}, {}
+        for name in members:
+            sq = None if stats is None or name not in stats else stats[name].sum_sq.float()
+            searches[name] = _Search(targets[name].weight, cfgs[name], sq)
+            chosen[name] = searches[name].choose(bits, symmetric)
+        tied = min(chosen.values())
+        reports = {}
+        for name in members:
+            search, linear = searches[name], targets[name]
+            k = linear.in_features
+            # Tied groups smaller than K are ladder rungs (powers of two): fits may be cached.
+            group = min(tied, k)
+            qw = search.at(group, bits, symmetric)
+            module = QuantLinear.from_quantized(qw, linear.bias, dtype=linear.weight.dtype)
+            set_submodule(layer, name[len(prefix) + 1 :], module)
+            reports[name] = {
+                "pass": self.name,
+                "bits": bits,
+                "group_size": qw.group_size,
+                "symmetric": symmetric,
+                "own_group_size": min(chosen[name], k),
+                "tied_with": [m for m in members if m != name],
+                "ladder_rel_error": {str(g): round(e, 6) for g, e in search.errors.items()},
+                "rel_error": search.errors[group],
+                "bits_per_weight": intquant.storage_bits_per_weight(
+                    k, qw.group_size, bits, not symmetric, scale_bits=_scale_bits(linear.weight.dtype)
+                ),
+                "activation_weighted": search.column_weight is not None,
+                "numel": linear.weight.numel(),
+            }
+        return reports

@@ -1,0 +1,217 @@
+"""Pure tensor functions behind the FineQuant pass: scale/zero fitting and the granularity ladder.
+
+Why a fit instead of min/max: min/max round-to-nearest spends the grid on each group's two extreme
+values. Alternating least squares (quantize with the current grid, then refit the grid to the
+quantized codes) keeps the outliers representable but places the grid where most weights are; on
+SmolLM2 int4 it roughly halves the perplexity loss of min/max RTN at the same group size.
+
+All functions take a weight ``[N, K]`` and follow :mod:`llmcomp.intquant` conventions: signed codes
+``q``, ``w = (q - z) * s``, integer zero points in the code range, groups along K with a short last
+group when the group size does not divide K. Scales are rounded to the storage dtype *inside* the
+fit, so the codes are chosen for the scale that will really be stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llmcomp import intquant
+
+DEFAULT_FIT_ITERS = 8
+_TINY = 1e-12
+
+
+@dataclass
+class _Groups:
+    """A weight viewed as ``[N, groups, group_size]``; ``mask`` is 0 on the padded tail (or None)."""
+
+    w: torch.Tensor
+    mask: torch.Tensor | None
+    in_features: int
+    group_size: int
+
+    def masked(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.mask is None else t * self.mask
+
+    def count(self) -> torch.Tensor:
+        if self.mask is None:
+            return torch.full(self.w.shape[:2], float(self.group_size))
+        return self.mask.sum(-1).expand(self.w.shape[:2])
+
+
+def _group(w: torch.Tensor, group_size: int) -> _Groups:
+    n, k = w.shape
+    g = intquant.effective_group_size(group_size, k)
+    groups = math.ceil(k / g)
+    pad = groups * g - k
+    wf = w.detach().float()
+    mask = None
+    if pad:
+        wf = torch.cat([wf, wf.new_zeros(n, pad)], dim=1)
+        mask = torch.cat([torch.ones(1, k), torch.zeros(1, pad)], dim=1).reshape(1, groups, g)
+    return _Groups(wf.reshape(n, groups, g), mask, k, g)
+
+
+def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round to what will be stored; a scale that underflows to 0 becomes the smallest positive."""
+    s = scale.to(scale_dtype).float()
+    return torch.where(s > 0, s, torch.full_like(s, torch.finfo(scale_dtype).tiny))
+
+
+def _codes(gr: _Groups, s: torch.Tensor, z: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``clamp(round(w / s) + z)``, exactly as :func:`llmcomp.intquant.quantize_with` does."""
+    qmin, qmax = intquant.qrange(bits)
+    q = torch.round(gr.w / s.unsqueeze(-1))
+    if z is not None:
+        q.add_(z.unsqueeze(-1))
+    return q.clamp_(qmin, qmax)
+
+
+def _group_sq_error(gr: _Groups, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """Masked squared reconstruction error per group, ``[N, groups]``, for codes ``q``."""
+    deq = q - z.unsqueeze(-1) if z is not None else q.clone()
+    deq.mul_(s.unsqueeze(-1)).sub_(gr.w)
+    deq = gr.masked(deq)
+    return (deq * deq).sum(-1)
+
+
+def _minmax_init(gr: _Groups, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    qmin, qmax = intquant.qrange(bits)
+    if symmetric:
+        s = gr.w.abs().amax(-1) / qmax
+        return torch.where(s > 0, s, torch.ones_like(s)), None
+    # The grid always contains 0 (integer zero point inside the code range), hence the clamps;
+    # they also make the zero padding of a short last group harmless.
+    wmin = gr.w.amin(-1).clamp(max=0.0)
+    wmax = gr.w.amax(-1).clamp(min=0.0)
+    s = (wmax - wmin) / (qmax - qmin)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    z = torch.round(qmin - wmin / s).clamp(qmin, qmax)
+    return s, z
+
+
+def _refit_symmetric(gr: _Groups, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Least-squares scale for fixed codes: ``s = <w, q> / <q, q>``."""
+    q = gr.masked(q)
+    den = (q * q).sum(-1)
+    new = (gr.w * q).sum(-1) / den.clamp_min(_TINY)
+    return torch.where((den > 0) & (new > 0), new, s)
+
+
+def _refit_asymmetric(
+    gr: _Groups, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares line ``w ~ a q + b`` for fixed codes, then integer ``z = -b/a`` and refit ``s``."""
+    qmin, qmax = intquant.qrange(bits)
+    cnt = gr.count()
+    qm = gr.masked(q)
+    sq, sw = qm.sum(-1), gr.w.sum(-1)  # padded w is zero
+    sqq, sqw = (qm * q).sum(-1), (qm * gr.w).sum(-1)
+    var = sqq - sq * sq / cnt
+    a = (sqw - sq * sw / cnt) / var.clamp_min(_TINY)
+    ok = (var > _TINY) & (a > 0)
+    a_safe = torch.where(ok, a, s)
+    b = (sw - a_safe * sq) / cnt
+    z_new = torch.round(-b / a_safe).clamp(qmin, qmax)
+    # s for the integer zero point: <w, q - z> / ||q - z||^2, from the same sums.
+    num = sqw - z_new * sw
+    den = sqq - 2 * z_new * sq + z_new * z_new * cnt
+    s_new = num / den.clamp_min(_TINY)
+    ok = ok & (den > _TINY) & (s_new > 0)
+    return torch.where(ok, s_new, s), torch.where(ok, z_new, z)
+
+
+def fit_quantize(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    iters: int = DEFAULT_FIT_ITERS,
+    scale_dtype: torch.dtype = torch.float32,
+) -> intquant.QuantizedWeight:
+    """Quantize ``w`` with per-group scales (and zero points) fitted by alternating least squares.
+
+    Starts from min/max round-to-nearest and keeps, per group, the best grid seen, so the result
+    is never worse than RTN (in weight MSE with the stored scale dtype). ``iters=0`` is plain RTN.
+    """
+    gr = _group(w, group_size)
+    s, z = _minmax_init(gr, bits, symmetric)
+    s = _round_scale(s, scale_dtype)
+    best_s, best_z, best_err = s, z, None
+    for step in range(iters + 1):
+        q = _codes(gr, s, z, bits)
+        err = _group_sq_error(gr, q, s, z)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            if z is not None:
+                best_z = torch.where(better, z, best_z)
+        if step == iters:
+            break
+        if symmetric:
+            s = _round_scale(_refit_symmetric(gr, q, s), scale_dtype)
+        else:
+            s, z = _refit_asymmetric(gr, q, s, z, bits)
+            s = _round_scale(s, scale_dtype)
+    return intquant.quantize_with(w, best_s, best_z, bits, gr.group_size)
+
+
+def relative_error(w: torch.Tensor, approx: torch.Tensor, column_weight: torch.Tensor | None = None) -> float:
+    """``||W - W'|| / ||W||`` (Frobenius), optionally weighting input channel j by ``column_weight[j]``.
+
+    With ``column_weight = E[x_j^2]`` this is the expected relative output error of the layer
+    when input channels are uncorrelated (a cheap activation-aware sensitivity).
+    """
+    diff = (w.double() - approx.double()) ** 2
+    ref = w.double() ** 2
+    if column_weight is not None:
+        c = column_weight.double().reshape(1, -1)
+        diff, ref = diff * c, ref * c
+    return float(diff.sum().sqrt() / ref.sum().sqrt().clamp_min(_TINY))
+
+
+def group_ladder(in_features: int, floor: int, divisible_only: bool = False) -> list[int]:
+    """Candidate group sizes, coarsest first: per-channel (``K``), then the powers of two from
+    ``K / 2`` (rounded down) halving to ``floor``. Powers of two keep the int4 kernels usable; the
+    first step is at least a halving so a greedy walk never stalls on a near-identical rung.
+    ``divisible_only`` keeps only sizes dividing K (no short last group: exportable to
+    compressed-tensors)."""
+    ladder = [in_features]
+    half = in_features // 2
+    if half < max(floor, 1):
+        return ladder
+    g = 1 << (half.bit_length() - 1)  # largest power of two <= K / 2
+    while g >= max(floor, 1):
+        if not divisible_only or in_features % g == 0:
+            ladder.append(g)
+        g //= 2
+    return ladder
+
+
+def meta_bits_per_weight(in_features: int, group_size: int, asymmetric: bool, scale_bits: int) -> float:
+    """Bits of scales (and zero points) per weight: what a finer grid costs."""
+    groups = intquant.num_groups(in_features, group_size)
+    return groups * (scale_bits + (8 if asymmetric else 0)) / in_features
+
+
+def worth_refining(
+    err_coarse: float, err_fine: float, extra_bits: float, threshold: float
+) -> bool:
+    """Rate-distortion test for one step down the ladder.
+
+    Refine when the relative squared error drops by more than ``threshold`` per extra stored bit
+    per weight: ``(err_coarse**2 - err_fine**2) / extra_bits > threshold``. One global price per
+    bit (a Lagrange multiplier) spends scale bits where they remove the most error, so the same
+    threshold keeps int8 per-channel (its errors are tiny), refines int4 moderately and int3 hard.
+    ``threshold = 0`` refines whenever the error drops at all.
+    """
+    gain = err_coarse**2 - err_fine**2
+    if extra_bits <= 0.0:
+        return gain > 0.0
+    return gain / extra_bits > threshold

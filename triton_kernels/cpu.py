@@ -1,0 +1,200 @@
+"""CPU fast paths for quantized linears, behind the :mod:`llmcomp.kernels.dispatch` contract.
+
+* ``cpu_int4pack``: ``torch._weight_int4pack_mm_for_cpu`` (4-bit, any group size that is a
+  multiple of 32/64/128/256 dividing K, per-channel included: scales are replicated onto the
+  kernel's group grid). Its convention, checked against the float64 reference in the tests:
+  ``w = (u - 8) * scale + zero`` with ``u`` the unsigned nibble, so our ``(q - z) * s`` maps to
+  ``u = q + 8``, ``scale = s``, ``zero = -z * s``.
+* ``cpu_int8pack``: ``torch._weight_int8pack_mm`` (8-bit, one scale per output channel; an
+  asymmetric zero point becomes a rank-1 correction ``- sum(x) * z * s``). It is only fast for
+  small M and gives garbage when K is not a multiple of 16, so larger batches dequantize on the fly.
+* ``cpu_dense``: dequantize once, cache the dense weight in the activation dtype, ``F.linear``.
+  Correct for everything (int2/3, group-wise int8, odd K, any N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp import intquant
+from llmcomp.kernels.dispatch import QuantLayout, QuantTensors, register_kernel
+
+ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Activation dtypes for which torch's weight-only CPU ops take their vectorised path. On AVX2 hosts
+# float32/float16 inputs hit a scalar fallback 10-50x slower than a dense GEMM (measured; see
+# docs/FINEQUANT.md), so only bfloat16 is routed to them; LLMCOMP_KERNEL forces a kernel anyway.
+FAST_ACT_DTYPES = (torch.bfloat16,)
+INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the torch int4 CPU kernel accepts
+INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
+INT4PACK_INNER_K_TILES = 1  # ignored by the CPU packer; part of the op's signature
+INT8PACK_K_MULTIPLE = 16  # below this alignment _weight_int8pack_mm returns NaN/inf or crashes
+# Rows (tokens) up to which the weight-only int8 op is used; above it the weight is dequantized on
+# the fly to float32 for one dense GEMM (PLATFORM-NOTES: on AVX-512 hosts int8pack is 2-3x faster
+# than bf16 at M=1 but slower at M=64; float32 GEMM is the fast dense path on AVX2 hosts).
+INT8PACK_MAX_M = 32
+
+
+def _cpu_and_dtype(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, f"device {device.type} is not cpu"
+    if dtype not in ACT_DTYPES:
+        return False, f"activation dtype {dtype} not in {ACT_DTYPES}"
+    return True, ""
+
+
+def _fast_dtype(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    ok, reason = _cpu_and_dtype(device, dtype)
+    if ok and dtype not in FAST_ACT_DTYPES:
+        return False, f"torch's weight-only CPU op has no fast path for {dtype} activations"
+    return ok, reason
+
+
+def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def _dense_weight(layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
+    q = intquant.unpack(tensors.packed, layout.bits, layout.in_features)
+    return intquant.dequantize(q, tensors.scale, tensors.zero, layout.group_size, dtype=dtype).contiguous()
+
+
+def int4pack_group(layout: QuantLayout) -> int | None:
+    """The kernel group size our groups can be replicated onto, or None.
+
+    A group of ``G`` columns (short last group included) maps onto kernel groups of ``g`` when
+    ``g`` divides both ``G`` and ``K``: every group boundary is then a kernel-group boundary.
+    """
+    for g in INT4PACK_GROUPS:
+        if layout.group_size % g == 0 and layout.in_features % g == 0:
+            return g
+    return None
+
+
+# -- dense fallback -------------------------------------------------------------------------------
+class DenseCpuKernel:
+    """Dequantize once, keep the dense weight in the activation dtype: always correct."""
+
+    name = "cpu_dense"
+
+    def supports_layout(self, layout: QuantLayout) -> tuple[bool, str]:
+        return True, ""
+
+    def can_implement(self, layout: QuantLayout, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        return _cpu_and_dtype(device, dtype)
+
+    def prepare(self, layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
+        return _dense_weight(layout, tensors, dtype)
+
+    def apply(self, x: torch.Tensor, layout: QuantLayout, state: torch.Tensor, bias: torch.Tensor | None):
+        return F.linear(x, state, None if bias is None else bias.to(x.dtype))
+
+
+# -- int8 -----------------------------------------------------------------------------------------
+@dataclass
+class _Int8State:
+    weight: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # [N], activation dtype (the op requires it)
+    zero_scale: torch.Tensor | None  # [N] float32, z * s (asymmetric only)
+    scale_f32: torch.Tensor  # [N] for the dequantize path
+
+
+class Int8PackCpuKernel:
+    """``torch._weight_int8pack_mm`` for per-channel int8; dequantize-and-GEMM for large M."""
+
+    name = "cpu_int8pack"
+
+    def can_implement(self, layout: QuantLayout, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        ok, reason = _fast_dtype(device, dtype)
+        return (ok, reason) if not ok else self.supports_layout(layout)
+
+    def supports_layout(self, layout: QuantLayout) -> tuple[bool, str]:
+        if layout.bits != 8:
+            return False, f"needs 8 bits, got {layout.bits}"
+        if layout.group_size != layout.in_features:
+            return False, f"needs one scale per output channel, got group size {layout.group_size}"
+        if layout.in_features % INT8PACK_K_MULTIPLE:
+            return False, f"in_features {layout.in_features} is not a multiple of {INT8PACK_K_MULTIPLE}"
+        if not hasattr(torch, "_weight_int8pack_mm"):
+            return False, "torch._weight_int8pack_mm is missing from this torch build"
+        return True, ""
+
+    def prepare(self, layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> _Int8State:
+        scale = tensors.scale.float().reshape(-1)
+        zs = None if tensors.zero is None else tensors.zero.float().reshape(-1) * scale
+        return _Int8State(tensors.packed.to(torch.int8).contiguous(), scale.to(dtype).contiguous(), zs, scale)
+
+    def apply(self, x: torch.Tensor, layout: QuantLayout, state: _Int8State, bias: torch.Tensor | None):
+        x2, lead = _flatten(x)
+        if x2.shape[0] <= INT8PACK_MAX_M:
+            out = torch._weight_int8pack_mm(x2.contiguous(), state.weight, state.scale)
+        else:
+            w = state.weight.float() * state.scale_f32.unsqueeze(1)
+            out = F.linear(x2.float(), w).to(x.dtype)
+        if state.zero_scale is not None:
+            out = (out.float() - x2.float().sum(-1, keepdim=True) * state.zero_scale).to(x.dtype)
+        if bias is not None:
+            out = out + bias.to(x.dtype)
+        return out.reshape(*lead, layout.out_features)
+
+
+# -- int4 -----------------------------------------------------------------------------------------
+@dataclass
+class _Int4State:
+    packed: torch.Tensor  # uint8, torch's CPU int4 layout
+    group: int  # kernel group size
+    scales_and_zeros: torch.Tensor  # [K / group, N, 2], activation dtype
+
+
+class Int4PackCpuKernel:
+    """``torch._weight_int4pack_mm_for_cpu`` for 4-bit weights (symmetric or asymmetric)."""
+
+    name = "cpu_int4pack"
+
+    def can_implement(self, layout: QuantLayout, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        ok, reason = _fast_dtype(device, dtype)
+        return (ok, reason) if not ok else self.supports_layout(layout)
+
+    def supports_layout(self, layout: QuantLayout) -> tuple[bool, str]:
+        if layout.bits != 4:
+            return False, f"needs 4 bits, got {layout.bits}"
+        if layout.out_features % INT4PACK_N_MULTIPLE:
+            return False, f"out_features {layout.out_features} is not a multiple of {INT4PACK_N_MULTIPLE}"
+        if int4pack_group(layout) is None:
+            return False, (
+                f"group size {layout.group_size} and in_features {layout.in_features} share no kernel "
+                f"group size in {INT4PACK_GROUPS}"
+            )
+        if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+            return False, "torch._weight_int4pack_mm_for_cpu is missing from this torch build"
+        return True, ""
+
+    def prepare(self, layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> _Int4State:
+        g = int4pack_group(layout)
+        assert g is not None
+        q = intquant.unpack(tensors.packed, 4, layout.in_features)
+        u = (q.to(torch.int32) + 8).contiguous()
+        packed = torch._convert_weight_to_int4pack_for_cpu(u, INT4PACK_INNER_K_TILES)
+        # Replicate each of our groups onto the kernel's finer grid of K / g groups.
+        kernel_groups = layout.in_features // g
+        index = torch.arange(kernel_groups) * g // layout.group_size
+        scale = tensors.scale.float()[:, index]  # [N, K/g]
+        zero = torch.zeros_like(scale) if tensors.zero is None else -tensors.zero.float()[:, index] * scale
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+        return _Int4State(packed, g, sz)
+
+    def apply(self, x: torch.Tensor, layout: QuantLayout, state: _Int4State, bias: torch.Tensor | None):
+        x2, lead = _flatten(x)
+        out = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), state.packed, state.group, state.scales_and_zeros)
+        if bias is not None:
+            out = out + bias.to(x.dtype)
+        return out.reshape(*lead, layout.out_features)
+
+
+def register() -> None:
+    """Called by the dispatcher: CPU priority int4pack, int8pack, then the dense fallback."""
+    register_kernel(DenseCpuKernel(), devices=("cpu",), first=True)
+    register_kernel(Int8PackCpuKernel(), devices=("cpu",), first=True)
+    register_kernel(Int4PackCpuKernel(), devices=("cpu",), first=True)
