@@ -119,9 +119,17 @@ def quantize_with(
     return QuantizedWeight(q=q, scale=scale.float(), zero=zero_i8, bits=bits, group_size=g)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> QuantizedWeight:
-    """Plain round-to-nearest group quantization with min/max scales."""
+def quantize_rtn(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True, scale_dtype: torch.dtype | None = None
+) -> QuantizedWeight:
+    """Plain round-to-nearest group quantization with min/max scales.
+
+    ``scale_dtype``: the dtype scales will be stored in; codes are chosen against the rounded
+    scales so storage does not add error on top of quantization.
+    """
     scale, zero = minmax_scales(w, bits, group_size, symmetric)
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
     return quantize_with(w, scale, zero, bits, group_size)
 
 

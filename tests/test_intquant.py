@@ -62,3 +62,15 @@ def test_storage_bits_per_weight_counts_metadata():
     # K=576 with 3-bit packing: 58 words of 10 values (580 slots)
     bpw = intquant.storage_bits_per_weight(576, -1, 3, asymmetric=False)
     assert bpw == pytest.approx((58 * 32 + 16) / 576)
+
+
+def test_codes_chosen_against_stored_scale_precision():
+    """With bf16 scale storage, codes picked against the rounded scale reconstruct better."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(64, 256, generator=gen)
+    naive = intquant.quantize_rtn(w, 8, -1, True)
+    naive_err = (intquant.dequantize(naive.q, naive.scale.to(torch.bfloat16), None, 256) - w).pow(2).sum()
+    aware = intquant.quantize_rtn(w, 8, -1, True, scale_dtype=torch.bfloat16)
+    assert torch.equal(aware.scale, aware.scale.to(torch.bfloat16).float())
+    aware_err = (intquant.dequantize_qw(aware) - w).pow(2).sum()
+    assert aware_err < naive_err

@@ -32,7 +32,7 @@ class RTNPass(CompressionPass):
     ) -> tuple[nn.Module, ModuleReport]:
         cfg: RTNConfig = self.config_for(name)  # type: ignore[assignment]
         w = linear.weight.detach()
-        qw = intquant.quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric)
+        qw = intquant.quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype)
         module = QuantLinear.from_quantized(qw, linear.bias, dtype=w.dtype)
         report = {
             "bits": cfg.bits,
