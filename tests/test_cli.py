@@ -55,3 +55,18 @@ def test_inspect_rejects_plain_model(tiny_llama_dir):
     result = runner.invoke(app, ["inspect", str(tiny_llama_dir)])
     assert result.exit_code == 2
     assert "quant_method is not 'llmcomp'" in result.output
+
+
+def test_inspect_shows_pruned_modules(tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {num_samples: 4, seq_len: 32}\n"
+                      "passes:\n  - {type: wanda, sparsity: 0.5, targets: ['*.mlp.*']}\n"
+                      "  - {type: rtn, bits: 4, group_size: 32, targets: ['*.self_attn.*']}\n")
+    out = tmp_path / "pq"
+    assert runner.invoke(app, ["compress", str(tiny_llama_dir), "-r", str(recipe), "-o", str(out)]).exit_code == 0
+    summary = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    assert summary["modules"]["model.layers.2.mlp.up_proj"]["type"] == "dense"
+    assert abs(summary["modules"]["model.layers.2.mlp.up_proj"]["sparsity"] - 0.5) < 1e-6
+    assert summary["modules"]["model.layers.2.self_attn.o_proj"]["bits"] == 4
+    names = list(summary["modules"])
+    assert names.index("model.layers.2.mlp.down_proj") < names.index("model.layers.2.self_attn.k_proj")

@@ -11,13 +11,18 @@ from rich.table import Table
 
 from llmcomp.cli.common import console, user_errors
 
-MODULE_COLUMNS = ("bits", "group_size", "symmetric", "bits_per_weight", "rel_error")
+MODULE_COLUMNS = ("bits", "group_size", "own_group_size", "symmetric", "bits_per_weight", "rel_error", "sparsity")
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort ``layers.10`` after ``layers.9``."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
 def describe(path: Path, verify: bool = True) -> dict[str, Any]:
@@ -28,7 +33,9 @@ def describe(path: Path, verify: bool = True) -> dict[str, Any]:
     report = info.report() or {}
     per_module = report.get("modules", {})
     modules = {}
-    for name, spec in info.modules.items():
+    # Modules with a spec were replaced (e.g. quantized); report-only ones were changed in place (pruned).
+    for name in sorted(set(info.modules) | set(per_module), key=_natural_key):
+        spec = info.modules.get(name, {"type": "dense"})
         merged = {**per_module.get(name, {}), **spec}
         modules[name] = {k: merged.get(k) for k in ("type", "pass", *MODULE_COLUMNS)}
     sizes = {f: meta["bytes"] for f, meta in info.quant_config["files"].items()}
