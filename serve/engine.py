@@ -123,6 +123,7 @@ class Engine:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
+        self._admitting = 0  # sequences taken from _waiting whose prefill is still running
         self._active: list[_Sequence] = []
         self._batch: kv_batch.KVBatch | None = None
         self._closed = False
@@ -151,7 +152,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosedError("engine is shut down")
-            free_slots = self.max_batch_size - len(self._active)
+            free_slots = self.max_batch_size - len(self._active) - self._admitting
             if len(self._waiting) + len(seqs) > self.max_queue + max(free_slots, 0):
                 raise QueueFullError(len(self._waiting), self.max_queue)
             self._waiting.extend(seqs)
@@ -197,13 +198,19 @@ class Engine:
                     admitted = []
                     while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
                         admitted.append(self._waiting.popleft())
+                    # Popped but not yet active: still occupying batch slots for submit()'s bound.
+                    self._admitting = len(admitted)
                 try:
                     self._drop_cancelled()
                     for seq in admitted:
                         self._prefill(seq)
+                    with self._cond:
+                        self._admitting = 0
                     if self._active:
                         self._decode_step()
                 except Exception as exc:  # keep serving: fail what was in flight, reset the batch
+                    with self._cond:
+                        self._admitting = 0
                     self._fail_all(admitted, f"{type(exc).__name__}: {exc}")
         self._fail_all(list(self._waiting), "engine is shut down")
 
