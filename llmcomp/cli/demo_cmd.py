@@ -8,8 +8,6 @@ the calibration text), print a table and write a JSON + markdown report.
 from __future__ import annotations
 
 import json
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,46 +15,35 @@ import typer
 from rich.table import Table
 
 from llmcomp.cli.common import console, user_errors
+from llmcomp.errors import LlmcompError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_RECIPE = "finequant-w4"
 FALLBACK_RECIPE = "rtn-w8"
-HUB_PROBE = ("huggingface.co", 443)
-PROBE_TIMEOUT_S = 3.0
-
-
-def hub_reachable() -> bool:
-    try:
-        with socket.create_connection(HUB_PROBE, timeout=PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
 
 
 def evaluation_text(force_offline: bool) -> tuple[str, str]:
-    """(text, description): WikiText-2 test when reachable, else the offline corpus."""
-    from llmcomp.calibration import offline_evaluation_text
+    """(text, description): WikiText-2 test when the hub is reachable, else the offline corpus."""
+    from llmcomp.eval.data import OFFLINE_SOURCE, hub_reachable, load_eval_text
 
     if not force_offline and hub_reachable():
         try:
-            from datasets import load_dataset
+            corpus = load_eval_text("wikitext2")
+            return corpus.text, corpus.label
+        except LlmcompError as exc:  # hub reachable but the dataset is not: fall back, don't abort
+            console.print(f"[yellow]{exc}; using offline text[/]")
+    corpus = load_eval_text(OFFLINE_SOURCE)
+    return corpus.text, corpus.label
 
-            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-            return "\n\n".join(rows), "wikitext-2-raw-v1 test (token-level perplexity)"
-        except Exception as exc:  # any hub/dataset failure: fall back rather than abort the demo
-            console.print(f"[yellow]wikitext-2 unavailable ({type(exc).__name__}); using offline text[/]")
-    return offline_evaluation_text()
 
-
-def _perplexity(model_source: str, text: str, seq_len: int, max_tokens: int | None) -> tuple[float, int, float]:
+def _perplexity(model_source: str, text: str, seq_len: int, max_tokens: int | None) -> tuple[float, int]:
     from llmcomp.eval.perplexity import compute_perplexity
     from llmcomp.loading import load_model
 
     # float32 activations: exact enough for a reference and faster than bf16 on CPUs without bf16 units.
     model, tokenizer = load_model(model_source, dtype="float32")
-    t0 = time.perf_counter()
     result = compute_perplexity(model, tokenizer, text, seq_len=seq_len, max_tokens=max_tokens)
-    return result.perplexity, result.tokens, time.perf_counter() - t0
+    return result.perplexity, result.tokens
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -106,8 +93,8 @@ def demo(
     result = run_compress(model, parsed, output / "checkpoint", overwrite=True)
     report = result.report
     console.print(f"[bold]3/3[/] perplexity on {text_desc}")
-    base_ppl, tokens, _ = _perplexity(source.location, text, seq_len, max_eval_tokens)
-    comp_ppl, _, _ = _perplexity(str(result.output_dir), text, seq_len, max_eval_tokens)
+    base_ppl, tokens = _perplexity(source.location, text, seq_len, max_eval_tokens)
+    comp_ppl, _ = _perplexity(str(result.output_dir), text, seq_len, max_eval_tokens)
     base_mb = sum(f.stat().st_size for f in source.path.glob("*.safetensors")) / 1e6
     summary = {
         "model": model, "recipe": parsed.name, "eval_text": text_desc, "seq_len": seq_len,
