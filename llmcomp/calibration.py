@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -93,8 +94,6 @@ EVALUATION_FILES = ("GPL-3", "GPL-2", "LGPL-2.1")
 
 
 def _read_texts(names: tuple[str, ...]) -> str:
-    from pathlib import Path
-
     texts = []
     for name in names:
         path = Path(LICENSE_DIR) / name

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import json
 import resource
 import time
 from collections.abc import Callable
@@ -353,8 +354,6 @@ class Pipeline:
 
 
 def _json(data: Any) -> str:
-    import json
-
     return json.dumps(data, indent=2, default=str)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 from abc import ABC
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -129,5 +128,3 @@ def weight_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     denom = ref.norm().clamp_min(1e-12)
     return float((ref - approx.float()).norm() / denom)
 
-
-PassFactory = Callable[[dict[str, Any]], CompressionPass]

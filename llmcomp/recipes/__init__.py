@@ -46,10 +46,6 @@ class Recipe(BaseModel):
     def build_passes(self) -> list[CompressionPass]:
         return [_build_pass(i, entry) for i, entry in enumerate(self.passes)]
 
-    @property
-    def requires_calibration(self) -> bool:
-        return any(p.requires_calibration for p in self.build_passes())
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
