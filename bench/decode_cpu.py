@@ -54,19 +54,29 @@ def profile_decode(model_source: str, dtype: str, steps: int = PROFILE_STEPS) ->
     }
 
 
-def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: str, rounds: int) -> dict[str, Any]:
+def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: str, rounds: int,
+                      llama_threads: int | None = None) -> dict[str, Any]:
     """All models loaded at once and measured in turn, ``rounds`` times: on a shared machine the
-    load changes minute to minute, so each model sees the same conditions; min and median kept."""
+    load changes minute to minute, so each model sees the same conditions; min and median kept.
+    ``llama_threads`` adds llama.cpp on the embedded GGUF to every round (batch 1 only: the
+    llama-cpp-python API decodes one sequence)."""
     from llmcomp.generation import generate
     from llmcomp.loading import load_model
 
     models = {s: load_model(s, dtype=dtype) for s in sources}
+    llama = LlamaCppDecoder(embedded_gguf(), llama_threads) if llama_threads else None
     times: dict[tuple[str, int], list[float]] = {(s, b): [] for s in sources for b in sizes}
+    if llama is not None:
+        times[(llama.name, 1)] = []
     for _ in range(rounds):
         for bs in sizes:
             for source, (model, tok) in models.items():
                 res = generate(model, tok, [DEFAULT_PROMPT] * bs, max_new_tokens=tokens, stop_at_eos=False)
                 times[(source, bs)].append(res.decode_seconds / max(res.decode_steps, 1))
+            if llama is not None and bs == 1:
+                times[(llama.name, 1)].append(llama.seconds_per_token(tokens))
+    if llama is not None:
+        llama.llm.close()
     out = []
     for (source, bs), ts in times.items():
         ts = sorted(ts)
@@ -77,25 +87,32 @@ def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: 
     return {"dtype": dtype, "tokens": tokens, "results": out}
 
 
-def llama_cpp_bench(gguf: Path, tokens: int, threads: int) -> dict[str, Any]:
-    """llama.cpp batch-1 decode rate on the GGUF (its own timings exclude prompt processing)."""
-    from llama_cpp import Llama
+class LlamaCppDecoder:
+    """llama.cpp (llama-cpp-python) greedy batch-1 decode on a GGUF, timed per token without the prompt."""
 
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_batch=64, verbose=False)
-    llm.create_completion(DEFAULT_PROMPT, max_tokens=4, temperature=0.0)  # warm-up
-    prompt = llm.tokenize(DEFAULT_PROMPT.encode())
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    prefill = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for _ in range(tokens):
-        token = llm.sample(temp=0.0)
-        llm.eval([token])
-    decode = time.perf_counter() - t1
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.name = f"llama.cpp:{gguf.name}"
+        self.llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                         n_batch=64, verbose=False)
+        self.prompt = self.llm.tokenize(DEFAULT_PROMPT.encode())
+        self.seconds_per_token(4)  # warm-up
+
+    def seconds_per_token(self, tokens: int) -> float:
+        self.llm.reset()
+        self.llm.eval(self.prompt)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            self.llm.eval([self.llm.sample(temp=0.0)])
+        return (time.perf_counter() - t0) / tokens
+
+
+def llama_cpp_bench(gguf: Path, tokens: int, threads: int) -> dict[str, Any]:
+    """llama.cpp batch-1 decode rate on the GGUF (prompt processing excluded)."""
+    decoder = LlamaCppDecoder(gguf, threads)
     return {"model": str(gguf), "engine": "llama.cpp (llama-cpp-python)", "threads": threads,
-            "results": [{"batch_size": 1, "decode_tokens_per_second": round(tokens / decode, 2),
-                         "prefill_seconds": round(prefill, 3)}]}
+            "results": [{"batch_size": 1, "decode_tokens_per_second": round(1 / decoder.seconds_per_token(tokens), 2)}]}
 
 
 def embedded_gguf() -> Path:
@@ -127,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         "runs": [], "profiles": [],
     }
     if args.rounds:
-        result["interleaved"] = interleaved_bench(args.models.split(","), sizes, args.tokens, args.dtype, args.rounds)
+        result["interleaved"] = interleaved_bench(args.models.split(","), sizes, args.tokens, args.dtype, args.rounds,
+                                                  llama_threads=args.threads if args.llama_cpp else None)
         print(json.dumps(result["interleaved"]), flush=True)
     for source in args.models.split(",") if not args.rounds else []:
         run = run_bench(source, sizes, args.tokens, args.dtype, args.threads, args.compile, 1, DEFAULT_PROMPT)
@@ -137,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         prof = profile_decode(source, args.dtype)
         result["profiles"].append(prof)
         print(json.dumps(prof), flush=True)
-    if args.llama_cpp:
+    if args.llama_cpp and not args.rounds:
         run = llama_cpp_bench(embedded_gguf(), args.tokens, args.threads)
         result["runs"].append(run)
         print(json.dumps(run), flush=True)

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from llmcomp.calibration import offline_evaluation_text
 from llmcomp.eval.perplexity import compute_perplexity
 from llmcomp.loading import load_model
 from llmcomp.passes import pass_registry
+from llmcomp.pipeline import compress
+from llmcomp.recipes import Recipe
 
 BF16_BITS = 16.0
 
@@ -45,6 +48,15 @@ PASS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fq-w4-g32": ("finequant", {"bits": 4, "min_group_size": 32, "max_group_size": 32}),
     "fq-w3": ("finequant", {"bits": 3}),
     "fq-w3-g32": ("finequant", {"bits": 3, "min_group_size": 32, "max_group_size": 32}),
+    # Activation-aware (calibrated on the offline calibration text, run through the real pipeline).
+    "fq-w4-aw": ("finequant", {"bits": 4, "activation_aware": True, "threshold": 0.025}),  # recipe
+    "fq-w4-aw-t0.015": ("finequant", {"bits": 4, "activation_aware": True}),
+    "fq-w4-aw-g128": ("finequant", {"bits": 4, "activation_aware": True, "min_group_size": 128,
+                                    "max_group_size": 128}),
+    "fq-w4-aw-g64": ("finequant", {"bits": 4, "activation_aware": True, "min_group_size": 64,
+                                   "max_group_size": 64}),
+    "fq-w3-aw": ("finequant", {"bits": 3, "activation_aware": True, "threshold": 0.025}),  # recipe
+    "fq-w8-aw-pc": ("finequant", {"bits": 8, "symmetric": True, "activation_aware": True}),
     "rtn-w8": ("rtn", {"bits": 8, "group_size": -1, "symmetric": True}),
     "rtn-w4-pc": ("rtn", {"bits": 4, "group_size": -1, "symmetric": False}),
     "rtn-w4-g128": ("rtn", {"bits": 4, "group_size": 128, "symmetric": False}),
@@ -115,7 +127,21 @@ def group_histogram(reports: dict[str, Any]) -> dict[str, int]:
     return dict(sorted(hist.items(), key=lambda kv: -int(kv[0]) if kv[0].lstrip("-").isdigit() else 0))
 
 
+def compress_calibrated(args: argparse.Namespace, pass_type: str, config: dict[str, Any]):
+    """Passes that need calibration run through the real pipeline (sequential, layer by layer)."""
+    recipe = Recipe(passes=[{"type": pass_type, **config}])
+    with tempfile.TemporaryDirectory(prefix="llmcomp-qq-") as tmp:
+        result = compress(args.model, recipe, Path(tmp) / "ckpt", dtype="bfloat16", progress=False)
+        # A quantized transformers model refuses .float(); load it in float32 directly.
+        model, tok = load_model(str(result.output_dir), dtype="float32")
+    return model, tok, result.report["modules"]
+
+
 def run_method(name: str, args: argparse.Namespace, text: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    if name in PASS_METHODS and PASS_METHODS[name][1].get("activation_aware"):
+        model, tok, reports = compress_calibrated(args, *PASS_METHODS[name])
+        return _evaluate(name, model, tok, reports, time.perf_counter() - t0, args, text)
     model, tok = load_model(args.model, dtype="bfloat16")
     t0 = time.perf_counter()
     reports: dict[str, Any] = {}
@@ -126,8 +152,13 @@ def run_method(name: str, args: argparse.Namespace, text: str) -> dict[str, Any]
         reports = apply_hqq(model, *HQQ_METHODS[name])
     elif name != "bf16":
         raise SystemExit(f"unknown method {name!r}; known: bf16, {', '.join([*PASS_METHODS, *HQQ_METHODS])}")
-    quant_s = time.perf_counter() - t0
-    model.float()
+    return _evaluate(name, model, tok, reports, time.perf_counter() - t0, args, text)
+
+
+def _evaluate(name: str, model: nn.Module, tok: Any, reports: dict[str, Any], quant_s: float,
+              args: argparse.Namespace, text: str) -> dict[str, Any]:
+    if next(model.parameters()).dtype != torch.float32:
+        model.float()
     res = compute_perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
                              progress=False)
     return {

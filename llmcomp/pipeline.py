@@ -9,6 +9,9 @@ Memory stays at about one decoder layer + calibration activations + the embeddin
    shards, compressed by every pass of the recipe (passes that need calibration see statistics
    of this layer's inputs, which come from the already-compressed previous layers), its outputs
    computed for the next layer, its tensors streamed to the output shards, and freed.
+
+Calibration forwards of bf16/fp16 models run on a float32 copy of the layer (CPU bf16 GEMMs are
+slow without native bf16 units); the layer that is compressed and written keeps its dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from llmcomp.passes.base import CompressionPass, set_submodule
 from llmcomp.recipes import Recipe
 
 CALIBRATION_BATCH = 8
+# Calibration forwards run in float32 on CPU: bf16/fp16 matmuls are several times slower there
+# on CPUs without native bf16 units, and float32 statistics are at least as accurate.
+CPU_CALIBRATION_DTYPE = torch.float32
 
 
 class _StopForward(Exception):
@@ -244,7 +250,21 @@ class Pipeline:
                         pass
         finally:
             layers[0] = original
-        return catcher.captured, {"source": where, "samples": cal.num_samples, "seq_len": cal.seq_len}
+        inputs = self._calibration_inputs(catcher.captured)
+        return inputs, {"source": where, "samples": cal.num_samples, "seq_len": cal.seq_len,
+                        "dtype": str(inputs[0][0].dtype).removeprefix("torch.")}
+
+    def _calibration_layer(self, layer: nn.Module) -> nn.Module:
+        """The layer as calibration runs it: itself, or a float32 copy when it is a reduced float."""
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return copy.deepcopy(layer).to(CPU_CALIBRATION_DTYPE)
+        return layer
+
+    def _calibration_inputs(self, captured: list[tuple[torch.Tensor, dict[str, Any]]]):
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            return captured
+        return [(_float_tensors_to(h, CPU_CALIBRATION_DTYPE), _float_tensors_to(kw, CPU_CALIBRATION_DTYPE))
+                for h, kw in captured]
 
     @staticmethod
     def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[torch.Tensor]:
@@ -281,12 +301,14 @@ class Pipeline:
                 for p in self.passes:
                     stats = None
                     if p.requires_calibration:
-                        targets = p.target_linears(layer, prefix)
+                        calib_layer = self._calibration_layer(layer)
+                        targets = p.target_linears(calib_layer, prefix)
                         with collect_input_stats(targets, with_hessian=p.needs_hessian) as stats:
-                            self._run_layer(layer, inputs)
+                            self._run_layer(calib_layer, inputs)
+                        del calib_layer
                     module_reports.update(p.process_layer(layer, prefix, stats))
                 if self.needs_calibration and i + 1 < handle.count:
-                    outs = self._run_layer(layer, inputs)
+                    outs = self._run_layer(self._calibration_layer(layer), inputs)
                     inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs, strict=True)]
                 for sub, module in layer.named_modules():
                     if hasattr(module, "spec") and callable(module.spec):
@@ -351,6 +373,17 @@ class Pipeline:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "original_bytes": original_bytes,
         }
+
+
+def _float_tensors_to(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_float_tensors_to(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _float_tensors_to(v, dtype) for k, v in obj.items()}
+    return obj
 
 
 def _json(data: Any) -> str:

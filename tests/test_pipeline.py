@@ -78,3 +78,35 @@ def test_loaded_model_logits_match_dequantized_reference(tiny_llama_dir, tmp_pat
         got = loaded(ids).logits.double()
         want = ref(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_model_calibrates_in_float32(tiny_llama_factory, tmp_path):
+    """A bf16 checkpoint is calibrated in float32 (several times faster on CPUs without bf16 units);
+    the first layer's activation-aware fit equals one computed from a float32 reference's statistics."""
+    from llmcomp.passes import finequant_fit as fit
+
+    src = tmp_path / "bf16"
+    tiny_llama_factory(src, seed=5, dtype=torch.bfloat16)
+    recipe = recipe_from_dict({"calibration": {"num_samples": 6, "seq_len": 32},
+                               "passes": [{"type": "finequant", "bits": 4, "activation_aware": True,
+                                           "min_group_size": 32, "max_group_size": 32, "tie_fused": False}]})
+    out = compress(str(src), recipe, tmp_path / "out", progress=False)
+    assert out.report["modules"]["model.layers.0.self_attn.q_proj"]["activation_weighted"] is True
+    assert out.report["calibration"]["dtype"] == "float32"
+
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = calibration_batches(tok, offline_calibration_text(), 6, 32, seed=0)
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # inputs independent of rotary
+    targets = {n: ref.model.layers[0].get_submodule(n) for n in names}
+    with collect_input_stats(targets) as stats, torch.inference_mode():
+        for s in range(0, ids.shape[0], CALIBRATION_BATCH):
+            ref(input_ids=ids[s : s + CALIBRATION_BATCH], use_cache=False)
+    got = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
+    for n in names:
+        w = targets[n].weight.detach().to(torch.bfloat16)
+        expected = fit.fit_quantize(w, 4, 32, False, scale_dtype=torch.bfloat16, column_weight=stats[n].sum_sq)
+        module = got.model.layers[0].get_submodule(n)
+        assert isinstance(module, QuantLinear)
+        torch.testing.assert_close(module.dequantized_weight(torch.float64),
+                                   intquant.dequantize_qw(expected, torch.float64), rtol=0, atol=0)

@@ -9,8 +9,11 @@ price per bit
 smooth ones stay coarse. Projections that inference engines fuse (q/k/v, gate/up) are tied to the
 finest group size any of them needs, so the fused weight has one layout.
 
-The error that drives the choice is the relative weight error, or, when the pipeline provides
-input statistics for the layer, the activation-weighted error ``sum_j E[x_j^2] (W - W')_ij^2``.
+The error that is fitted and drives the choice is the relative weight error, or, with
+``activation_aware`` (the pipeline then provides calibration input statistics for the layer), the
+activation-weighted error ``sum_j E[x_j^2] (W - W')_ij^2``: the expected output error when input
+channels are uncorrelated. Weighting the fit protects the weights that multiply the few
+high-energy input channels of LLMs.
 """
 
 from __future__ import annotations
@@ -68,7 +71,10 @@ class FineQuantConfig(PassConfig):
     tie_fused: bool = Field(True, description="give fused siblings (q/k/v, gate/up) one bits/group/symmetric")
     activation_aware: bool = Field(
         False,
-        description="weight the granularity error by calibration input energy E[x_j^2] (needs calibration)",
+        description=(
+            "fit scales and choose groups on the error weighted by calibration input energy E[x_j^2] "
+            "(needs calibration data)"
+        ),
     )
     fused_sets: list[list[str]] = Field(
         default_factory=lambda: [list(s) for s in DEFAULT_FUSED_SETS],
@@ -106,7 +112,9 @@ class _Search:
 
     def at(self, group: int, bits: int, symmetric: bool) -> intquant.QuantizedWeight:
         if group not in self.fitted:
-            qw = fit.fit_quantize(self.w, bits, group, symmetric, self.cfg.fit_iters, self.w.dtype)
+            qw = fit.fit_quantize(
+                self.w, bits, group, symmetric, self.cfg.fit_iters, self.w.dtype, column_weight=self.column_weight
+            )
             self.fitted[group] = qw
             self.errors[group] = fit.relative_error(self.w, intquant.dequantize_qw(qw), self.column_weight)
         return self.fitted[group]

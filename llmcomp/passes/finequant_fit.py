@@ -2,8 +2,10 @@
 
 Why a fit instead of min/max: min/max round-to-nearest spends the grid on each group's two extreme
 values. Alternating least squares (quantize with the current grid, then refit the grid to the
-quantized codes) keeps the outliers representable but places the grid where most weights are; on
-SmolLM2 int4 it roughly halves the perplexity loss of min/max RTN at the same group size.
+quantized codes) keeps the outliers representable but places the grid where most weights are. In
+plain weight MSE that lowers the int4 error by 4-6% but hardly moves perplexity. Weighted by each
+input channel's energy (``column_weight = E[x_j^2]`` from calibration) it fits what the layer's
+output sees: on SmolLM2 int4 g128 perplexity goes from 27.8 (RTN) to 24.2 (bf16: 21.7).
 
 All functions take a weight ``[N, K]`` and follow :mod:`llmcomp.intquant` conventions: signed codes
 ``q``, ``w = (q - z) * s``, integer zero points in the code range, groups along K with a short last
@@ -26,33 +28,50 @@ _TINY = 1e-12
 
 @dataclass
 class _Groups:
-    """A weight viewed as ``[N, groups, group_size]``; ``mask`` is 0 on the padded tail (or None)."""
+    """A weight viewed as ``[N, groups, group_size]``.
+
+    ``weight`` (``[1, groups, group_size]`` or None for all ones) is the importance of each input
+    column in the least-squares fit: 0 on the zero padding of a short last group, ``E[x_j^2]``
+    when the fit is activation-aware.
+    """
 
     w: torch.Tensor
-    mask: torch.Tensor | None
+    weight: torch.Tensor | None
     in_features: int
     group_size: int
 
-    def masked(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.mask is None else t * self.mask
+    def weighted(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.weight is None else t * self.weight
 
-    def count(self) -> torch.Tensor:
-        if self.mask is None:
+    def total_weight(self) -> torch.Tensor:
+        if self.weight is None:
             return torch.full(self.w.shape[:2], float(self.group_size))
-        return self.mask.sum(-1).expand(self.w.shape[:2])
+        return self.weight.sum(-1).expand(self.w.shape[:2])
 
 
-def _group(w: torch.Tensor, group_size: int) -> _Groups:
+# Every column keeps at least this share of the mean importance, so channels the calibration
+# text never excites are still fitted (and a group of them has a well-defined scale).
+_MIN_RELATIVE_IMPORTANCE = 1e-3
+
+
+def _group(w: torch.Tensor, group_size: int, column_weight: torch.Tensor | None = None) -> _Groups:
     n, k = w.shape
     g = intquant.effective_group_size(group_size, k)
     groups = math.ceil(k / g)
     pad = groups * g - k
     wf = w.detach().float()
-    mask = None
+    weight = None
+    if column_weight is not None:
+        c = column_weight.detach().double().reshape(-1)
+        c = c / c.mean().clamp_min(_TINY)
+        weight = c.clamp_min(_MIN_RELATIVE_IMPORTANCE).float().reshape(1, k)
     if pad:
         wf = torch.cat([wf, wf.new_zeros(n, pad)], dim=1)
-        mask = torch.cat([torch.ones(1, k), torch.zeros(1, pad)], dim=1).reshape(1, groups, g)
-    return _Groups(wf.reshape(n, groups, g), mask, k, g)
+        weight = torch.ones(1, k) if weight is None else weight
+        weight = torch.cat([weight, torch.zeros(1, pad)], dim=1)
+    if weight is not None:
+        weight = weight.reshape(1, groups, g)
+    return _Groups(wf.reshape(n, groups, g), weight, k, g)
 
 
 def _round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -71,11 +90,10 @@ def _codes(gr: _Groups, s: torch.Tensor, z: torch.Tensor | None, bits: int) -> t
 
 
 def _group_sq_error(gr: _Groups, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-    """Masked squared reconstruction error per group, ``[N, groups]``, for codes ``q``."""
+    """Weighted squared reconstruction error per group, ``[N, groups]``, for codes ``q``."""
     deq = q - z.unsqueeze(-1) if z is not None else q.clone()
     deq.mul_(s.unsqueeze(-1)).sub_(gr.w)
-    deq = gr.masked(deq)
-    return (deq * deq).sum(-1)
+    return gr.weighted(deq * deq).sum(-1)
 
 
 def _minmax_init(gr: _Groups, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,21 +112,22 @@ def _minmax_init(gr: _Groups, bits: int, symmetric: bool) -> tuple[torch.Tensor,
 
 
 def _refit_symmetric(gr: _Groups, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Least-squares scale for fixed codes: ``s = <w, q> / <q, q>``."""
-    q = gr.masked(q)
-    den = (q * q).sum(-1)
-    new = (gr.w * q).sum(-1) / den.clamp_min(_TINY)
+    """Weighted least-squares scale for fixed codes: ``s = <w, q>_c / <q, q>_c``."""
+    qc = gr.weighted(q)
+    den = (qc * q).sum(-1)
+    new = (gr.w * qc).sum(-1) / den.clamp_min(_TINY)
     return torch.where((den > 0) & (new > 0), new, s)
 
 
 def _refit_asymmetric(
     gr: _Groups, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares line ``w ~ a q + b`` for fixed codes, then integer ``z = -b/a`` and refit ``s``."""
+    """Weighted least-squares line ``w ~ a q + b`` for fixed codes, then integer ``z = -b/a`` and
+    refit ``s``."""
     qmin, qmax = intquant.qrange(bits)
-    cnt = gr.count()
-    qm = gr.masked(q)
-    sq, sw = qm.sum(-1), gr.w.sum(-1)  # padded w is zero
+    cnt = gr.total_weight()
+    qm = gr.weighted(q)
+    sq, sw = qm.sum(-1), gr.weighted(gr.w).sum(-1)
     sqq, sqw = (qm * q).sum(-1), (qm * gr.w).sum(-1)
     var = sqq - sq * sq / cnt
     a = (sqw - sq * sw / cnt) / var.clamp_min(_TINY)
@@ -131,13 +150,16 @@ def fit_quantize(
     symmetric: bool,
     iters: int = DEFAULT_FIT_ITERS,
     scale_dtype: torch.dtype = torch.float32,
+    column_weight: torch.Tensor | None = None,
 ) -> intquant.QuantizedWeight:
     """Quantize ``w`` with per-group scales (and zero points) fitted by alternating least squares.
 
     Starts from min/max round-to-nearest and keeps, per group, the best grid seen, so the result
-    is never worse than RTN (in weight MSE with the stored scale dtype). ``iters=0`` is plain RTN.
+    is never worse than RTN in the fitted error (weight MSE with the stored scale dtype, or with
+    ``column_weight`` the activation-weighted error ``sum_j c_j (W - W')_ij^2``, which is the
+    expected output error for uncorrelated inputs with ``c_j = E[x_j^2]``). ``iters=0`` is plain RTN.
     """
-    gr = _group(w, group_size)
+    gr = _group(w, group_size, column_weight)
     s, z = _minmax_init(gr, bits, symmetric)
     s = _round_scale(s, scale_dtype)
     best_s, best_z, best_err = s, z, None
