@@ -321,11 +321,20 @@ class Pipeline:
                     bar.advance(task)
                 if on_layer is not None:
                     on_layer(i, handle.count)
-            head = self._head_tensors(skeleton, handle)
+            compressed_head = self._compress_head(skeleton)
+            head = self._head_tensors(skeleton, handle, None if compressed_head is None else compressed_head.name)
             original_bytes += sum(t.numel() * t.element_size() for t in head.values())
             writer.add(head)
-            report = self._report(module_reports, layer_times, original_bytes, calib_info, t_start)
             config = self.config.to_dict()
+            if compressed_head is not None:
+                if not getattr(self.config, "tie_word_embeddings", False):  # a tied head was counted as the embedding
+                    head_weight = skeleton.get_submodule(compressed_head.name).weight
+                    original_bytes += head_weight.numel() * head_weight.element_size()
+                writer.add(compressed_head.tensors)
+                module_specs.update(compressed_head.specs)
+                module_reports.update(compressed_head.reports)
+                _untie_word_embeddings(config)
+            report = self._report(module_reports, layer_times, original_bytes, calib_info, t_start)
             config["quantization_config"] = quantization_config(module_specs, recipe=self.recipe.name)
             config.setdefault("dtype", str(self.dtype).removeprefix("torch."))
             out = writer.commit(
@@ -338,13 +347,53 @@ class Pipeline:
         (out / REPORT_FILE).write_text(_json(report))
         return CompressionResult(out, report)
 
-    def _head_tensors(self, skeleton: nn.Module, handle: LayerHandle) -> dict[str, torch.Tensor]:
+    def _head_tensors(self, skeleton: nn.Module, handle: LayerHandle, compressed_head: str | None
+                      ) -> dict[str, torch.Tensor]:
+        """Dense tensors outside the decoder layers; a tied or separately compressed head is left out."""
         state = skeleton.state_dict()
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
         return {
             n: t for n, t in state.items()
             if not n.startswith(handle.prefix + ".") and not (tied and n.startswith("lm_head."))
+            and not (compressed_head and n.startswith(compressed_head + "."))
         }
+
+    def _compress_head(self, skeleton: nn.Module) -> _CompressedHead | None:
+        """Run the passes configured with ``lm_head: true`` on the output head.
+
+        The head gets no calibration statistics (it would need the final norm's outputs), so only
+        passes that work without them may compress it. A head tied to the input embedding is
+        compressed from a copy: the embedding stays dense and the checkpoint is saved untied.
+        """
+        passes = [p for p in self.passes if p.config.lm_head]
+        if not passes:
+            return None
+        head = skeleton.get_output_embeddings()
+        name = next((n for n, m in skeleton.named_modules() if m is head), None)
+        if name is None or type(head) is not nn.Linear:
+            raise LlmcompError(f"lm_head: true, but the output head is a {type(head).__name__}, not a linear layer")
+        holder = nn.Module()
+        copy_ = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                          dtype=head.weight.dtype)
+        with torch.no_grad():
+            copy_.weight.copy_(head.weight)
+            if head.bias is not None:
+                copy_.bias.copy_(head.bias)
+        _set_nested(holder, name, copy_)
+        reports: dict[str, dict[str, Any]] = {}
+        for p in passes:
+            if p.requires_calibration and not p.calibration_optional:
+                raise LlmcompError(
+                    f"pass {p.name!r} needs calibration statistics, which the output head does not get; "
+                    "remove lm_head: true from it"
+                )
+            reports.update(p.process_layer(holder, "", None))
+        if not reports:
+            raise LlmcompError(f"lm_head: true, but no pass targets select {name!r} (check targets/ignore)")
+        module = holder.get_submodule(name)
+        specs = {name: module.spec()} if callable(getattr(module, "spec", None)) else {}
+        tensors = {f"{name}.{k}": v for k, v in module.state_dict().items()}
+        return _CompressedHead(name, tensors, specs, reports)
 
     def _progress(self):
         from contextlib import nullcontext
@@ -373,6 +422,31 @@ class Pipeline:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "original_bytes": original_bytes,
         }
+
+
+@dataclass
+class _CompressedHead:
+    name: str
+    tensors: dict[str, torch.Tensor]
+    specs: dict[str, dict[str, Any]]
+    reports: dict[str, dict[str, Any]]
+
+
+def _set_nested(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    """``root.<dotted> = module``, creating empty parent modules on the way."""
+    *parents, child = dotted.split(".")
+    for part in parents:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    root.add_module(child, module)
+
+
+def _untie_word_embeddings(config: dict[str, Any]) -> None:
+    """The head is stored on its own now; keep transformers from tying it back to the embedding."""
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
 
 
 def _float_tensors_to(obj: Any, dtype: torch.dtype) -> Any:

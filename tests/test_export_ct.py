@@ -105,3 +105,20 @@ def test_export_cli_success_and_overwrite_guard(tiny_llama_dir, tmp_path) -> Non
     assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "o" / "tokenizer.json").is_file()
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_export_of_a_quantized_head_loads_in_transformers(tiny_llama_dir, tmp_path) -> None:
+    """``lm_head: true`` checkpoints are untied; the export quantizes the head too."""
+    from transformers import AutoModelForCausalLM
+
+    from llmcomp.loading import load_model
+
+    ck = _checkpoint(tiny_llama_dir, tmp_path / "ck", bits=8, symmetric=True, min_group_size=1 << 20, lm_head=True)
+    export_compressed_tensors(ck, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head" not in config["quantization_config"]["ignore"]
+    ours, tok = load_model(str(ck), dtype="float32")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    ids = tok(["The capital of France is"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)

@@ -110,3 +110,55 @@ def test_bf16_model_calibrates_in_float32(tiny_llama_factory, tmp_path):
         assert isinstance(module, QuantLinear)
         torch.testing.assert_close(module.dequantized_weight(torch.float64),
                                    intquant.dequantize_qw(expected, torch.float64), rtol=0, atol=0)
+
+
+def test_lm_head_can_be_compressed_and_is_untied(tiny_llama_dir, tmp_path):
+    """``lm_head: true`` quantizes the (tied) head from a copy; the embedding stays exact and dense,
+    and the loaded model's logits equal a reference whose head is the independently quantized one."""
+    recipe = recipe_from_dict({"passes": [{"type": "rtn", "bits": 8, "group_size": -1, "symmetric": True,
+                                           "targets": ["lm_head"], "lm_head": True}]})
+    out = compress(str(tiny_llama_dir), recipe, tmp_path / "out", progress=False)
+    assert set(out.report["modules"]) == {"lm_head"}
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    assert ref.config.tie_word_embeddings
+    got = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
+    assert isinstance(got.lm_head, QuantLinear) and got.config.tie_word_embeddings is False
+    torch.testing.assert_close(got.model.embed_tokens.weight, ref.model.embed_tokens.weight, rtol=0, atol=0)
+
+    w = ref.lm_head.weight.detach().clone()
+    expected = intquant.dequantize_qw(intquant.quantize_rtn(w, 8, -1, symmetric=True, scale_dtype=w.dtype))
+    ref.config.tie_word_embeddings = False
+    ref.lm_head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    ref.lm_head.weight.data.copy_(expected)
+    ids = torch.randint(0, w.shape[0], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(ids).logits)
+
+
+def test_lm_head_refusals_are_one_line(tiny_llama_dir, tmp_path):
+    import pytest
+
+    from llmcomp.errors import LlmcompError
+
+    wanda = recipe_from_dict({"calibration": {"num_samples": 2, "seq_len": 16},
+                              "passes": [{"type": "wanda", "sparsity": 0.5, "lm_head": True}]})
+    with pytest.raises(LlmcompError, match="needs calibration statistics"):
+        compress(str(tiny_llama_dir), wanda, tmp_path / "a", progress=False)
+    unselected = recipe_from_dict({"passes": [{"type": "rtn", "bits": 8, "targets": ["*.mlp.*"], "lm_head": True}]})
+    with pytest.raises(LlmcompError, match="no pass targets select 'lm_head'"):
+        compress(str(tiny_llama_dir), unselected, tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_activation_aware_finequant_compresses_the_head_unweighted(tiny_llama_dir, tmp_path):
+    recipe = recipe_from_dict({"calibration": {"num_samples": 2, "seq_len": 16},
+                               "passes": [{"type": "finequant", "bits": 4, "activation_aware": True,
+                                           "lm_head": True}]})
+    out = compress(str(tiny_llama_dir), recipe, tmp_path / "out", progress=False)
+    modules = out.report["modules"]
+    assert modules["lm_head"]["activation_weighted"] is False
+    assert modules["model.layers.0.mlp.up_proj"]["activation_weighted"] is True
+    got = AutoModelForCausalLM.from_pretrained(out.output_dir).eval()
+    assert isinstance(got.lm_head, QuantLinear) and got.lm_head.bits == 4

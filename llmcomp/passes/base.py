@@ -31,6 +31,13 @@ class PassConfig(BaseModel):
         description="glob patterns of linear layers (inside decoder layers) to compress",
     )
     ignore: list[str] = Field(default_factory=list, description="glob patterns of modules to leave untouched")
+    lm_head: bool = Field(
+        False,
+        description=(
+            "also compress the output head (kept dense by default); a head tied to the input embedding is "
+            "untied, and the embedding stays dense"
+        ),
+    )
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="glob pattern -> config fields that replace the defaults there"
     )
@@ -47,6 +54,9 @@ class CompressionPass(ABC):
     Config: ClassVar[type[PassConfig]] = PassConfig
     requires_calibration: ClassVar[bool] = False
     needs_hessian: ClassVar[bool] = False
+    # Whether the pass still works when a module gets no calibration statistics (the output head
+    # never does): calibration then only refines what it does.
+    calibration_optional: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config
@@ -73,7 +83,7 @@ class CompressionPass(ABC):
         """Plain ``nn.Linear`` children of ``layer`` this pass should touch, by full name."""
         found = {}
         for sub, module in layer.named_modules():
-            full = f"{prefix}.{sub}" if sub else prefix
+            full = full_name(prefix, sub)
             if type(module) is nn.Linear and self.selects(full):
                 found[full] = module
         return found
@@ -87,7 +97,7 @@ class CompressionPass(ABC):
         for full, linear in self.target_linears(layer, prefix).items():
             replacement, report = self.compress_linear(full, linear, None if stats is None else stats.get(full))
             if replacement is not None:
-                set_submodule(layer, full[len(prefix) + 1 :], replacement)
+                set_submodule(layer, child_name(full, prefix), replacement)
             shape = list(linear.weight.shape)
             reports[full] = {"pass": self.name, "shape": shape, "numel": shape[0] * shape[1], **report}
         return reports
@@ -97,6 +107,16 @@ class CompressionPass(ABC):
     ) -> tuple[nn.Module | None, ModuleReport]:
         """Return ``(replacement or None if changed in place, report)``."""
         raise NotImplementedError(f"pass {self.name!r} must implement compress_linear or process_layer")
+
+
+def full_name(prefix: str, child: str) -> str:
+    """``prefix.child``; an empty prefix (modules outside the decoder layers) adds nothing."""
+    return f"{prefix}.{child}" if prefix and child else prefix or child
+
+
+def child_name(full: str, prefix: str) -> str:
+    """Inverse of :func:`full_name`: the path of ``full`` below ``prefix``."""
+    return full[len(prefix) + 1 :] if prefix else full
 
 
 def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:

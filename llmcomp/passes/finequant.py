@@ -29,7 +29,14 @@ from llmcomp import intquant
 from llmcomp.calibration import InputStats
 from llmcomp.modules.quant_linear import QuantLinear
 from llmcomp.passes import finequant_fit as fit
-from llmcomp.passes.base import CompressionPass, ModuleReport, PassConfig, register_pass, set_submodule
+from llmcomp.passes.base import (
+    CompressionPass,
+    ModuleReport,
+    PassConfig,
+    child_name,
+    register_pass,
+    set_submodule,
+)
 
 DEFAULT_FUSED_SETS = [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
 DEFAULT_MIN_GROUP = 32
@@ -152,6 +159,7 @@ class FineQuantPass(CompressionPass):
 
     name = "finequant"
     Config = FineQuantConfig
+    calibration_optional = True  # without statistics (the output head) the fit is unweighted
 
     def __init__(self, config: FineQuantConfig) -> None:
         super().__init__(config)
@@ -195,7 +203,7 @@ class FineQuantPass(CompressionPass):
             group = min(tied, k)
             qw = search.at(group, bits, symmetric)
             module = QuantLinear.from_quantized(qw, linear.bias, dtype=linear.weight.dtype)
-            set_submodule(layer, name[len(prefix) + 1 :], module)
+            set_submodule(layer, child_name(name, prefix), module)
             reports[name] = {
                 "pass": self.name,
                 "bits": bits,
