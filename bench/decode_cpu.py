@@ -76,7 +76,7 @@ def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: 
             if llama is not None and bs == 1:
                 times[(llama.name, 1)].append(llama.seconds_per_token(tokens))
     if llama is not None:
-        llama.llm.close()
+        llama.close()
     out = []
     for (source, bs), ts in times.items():
         ts = sorted(ts)
@@ -106,6 +106,9 @@ class LlamaCppDecoder:
         for _ in range(tokens):
             self.llm.eval([self.llm.sample(temp=0.0)])
         return (time.perf_counter() - t0) / tokens
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 def llama_cpp_bench(gguf: Path, tokens: int, threads: int) -> dict[str, Any]:

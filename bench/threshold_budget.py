@@ -22,20 +22,16 @@ from llmcomp.passes.finequant import DEFAULT_FUSED_SETS, DEFAULT_MIN_GROUP, fuse
 
 
 def walk(errors: dict[int, float], in_features: int, bits_meta: tuple[bool, int], threshold: float, floor: int) -> int:
-    """The pass's greedy ladder walk (FineQuant ``_Search.choose``) on recorded errors."""
+    """The pass's own ladder walk (:func:`finequant_fit.walk_ladder`) on recorded errors."""
     asymmetric, scale_bits = bits_meta
-    ladder = fit.group_ladder(in_features, floor)
-    current = ladder[0]
-    for finer in ladder[1:]:
-        if finer not in errors:
-            raise SystemExit(f"rung {finer} missing: compress with threshold 0 so every rung is recorded")
-        extra = fit.meta_bits_per_weight(in_features, finer, asymmetric, scale_bits) - fit.meta_bits_per_weight(
-            in_features, current, asymmetric, scale_bits
-        )
-        if not fit.worth_refining(errors[current], errors[finer], extra, threshold):
-            break
-        current = finer
-    return current
+
+    def error_at(group: int) -> float:
+        if group not in errors:
+            raise SystemExit(f"rung {group} missing: compress with threshold 0 so every rung is recorded")
+        return errors[group]
+
+    return fit.walk_ladder(fit.group_ladder(in_features, floor), error_at, in_features, asymmetric, scale_bits,
+                           threshold)
 
 
 def budget(report: dict, threshold: float, floor: int, scale_bits: int = 16) -> tuple[float, dict[int, int]]:

@@ -166,6 +166,8 @@ class Pipeline:
         if requested == "auto":
             requested = getattr(self.config, "dtype", None) or torch.float32
         self.dtype: torch.dtype = getattr(torch, requested) if isinstance(requested, str) else requested
+        reduced = self.dtype in (torch.bfloat16, torch.float16)
+        self.calibration_dtype: torch.dtype = CPU_CALIBRATION_DTYPE if reduced else self.dtype
         self.trust_remote_code = trust_remote_code
         self.progress = progress
         self.calibration_text = calibration_text
@@ -256,14 +258,12 @@ class Pipeline:
 
     def _calibration_layer(self, layer: nn.Module) -> nn.Module:
         """The layer as calibration runs it: itself, or a float32 copy when it is a reduced float."""
-        if self.dtype in (torch.bfloat16, torch.float16):
-            return copy.deepcopy(layer).to(CPU_CALIBRATION_DTYPE)
-        return layer
+        if self.calibration_dtype == self.dtype:
+            return layer
+        return copy.deepcopy(layer).to(self.calibration_dtype)
 
     def _calibration_inputs(self, captured: list[tuple[torch.Tensor, dict[str, Any]]]):
-        if self.dtype not in (torch.bfloat16, torch.float16):
-            return captured
-        return [(_float_tensors_to(h, CPU_CALIBRATION_DTYPE), _float_tensors_to(kw, CPU_CALIBRATION_DTYPE))
+        return [(_float_tensors_to(h, self.calibration_dtype), _float_tensors_to(kw, self.calibration_dtype))
                 for h, kw in captured]
 
     @staticmethod

@@ -135,22 +135,15 @@ class _Search:
 
     def choose(self, bits: int, symmetric: bool) -> int:
         """Coarsest rung after which one more halving is not worth its scale bits."""
-        k = self.w.shape[1]
-        sbits = _scale_bits(self.w.dtype)
-        ladder = self.ladder()
-        current = ladder[0]
-        self.at(current, bits, symmetric)
-        for finer in ladder[1:]:
-            if self.errors[current] <= self.cfg.target_error:
-                break
-            self.at(finer, bits, symmetric)
-            extra = fit.meta_bits_per_weight(k, finer, not symmetric, sbits) - fit.meta_bits_per_weight(
-                k, current, not symmetric, sbits
-            )
-            if not fit.worth_refining(self.errors[current], self.errors[finer], extra, self.cfg.threshold):
-                break
-            current = finer
-        return current
+
+        def error_at(group: int) -> float:
+            self.at(group, bits, symmetric)
+            return self.errors[group]
+
+        return fit.walk_ladder(
+            self.ladder(), error_at, self.w.shape[1], not symmetric, _scale_bits(self.w.dtype),
+            self.cfg.threshold, self.cfg.target_error,
+        )
 
 
 @register_pass

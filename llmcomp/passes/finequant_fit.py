@@ -16,6 +16,7 @@ fit, so the codes are chosen for the scale that will really be stored.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +221,36 @@ def meta_bits_per_weight(in_features: int, group_size: int, asymmetric: bool, sc
     """Bits of scales (and zero points) per weight: what a finer grid costs."""
     groups = intquant.num_groups(in_features, group_size)
     return groups * (scale_bits + (8 if asymmetric else 0)) / in_features
+
+
+def walk_ladder(
+    ladder: list[int],
+    error_at: Callable[[int], float],
+    in_features: int,
+    asymmetric: bool,
+    scale_bits: int,
+    threshold: float,
+    target_error: float = 0.0,
+) -> int:
+    """The granularity choice: walk ``ladder`` (coarsest first) while the next rung is
+    :func:`worth_refining` and the error is still above ``target_error``; return the rung reached.
+
+    ``error_at(group)`` gives a rung's relative error; it is called in walk order, at most once per
+    rung visited, so it may fit lazily (the pass) or look recorded errors up (what-if tools).
+    """
+    current = ladder[0]
+    err_current = error_at(current)
+    for finer in ladder[1:]:
+        if err_current <= target_error:
+            break
+        err_finer = error_at(finer)
+        extra = meta_bits_per_weight(in_features, finer, asymmetric, scale_bits) - meta_bits_per_weight(
+            in_features, current, asymmetric, scale_bits
+        )
+        if not worth_refining(err_current, err_finer, extra, threshold):
+            break
+        current, err_current = finer, err_finer
+    return current
 
 
 def worth_refining(
