@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from llmcomp.cli.bench_cmd import DEFAULT_PROMPT, run_bench
+from llmcomp.hostinfo import cpu_summary
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     result: dict[str, Any] = {
-        "meta": {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+        "meta": {"machine": cpu_summary(), "threads": args.threads,
                  "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="minutes"),
                  "command": " ".join(sys.argv)},
         "runs": [], "profiles": [],

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from torch import nn
 
 from llmcomp.calibration import offline_evaluation_text
 from llmcomp.eval.perplexity import compute_perplexity
+from llmcomp.hostinfo import cpu_summary
 from llmcomp.loading import load_model
 from llmcomp.passes import pass_registry
 from llmcomp.pipeline import compress
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     results.setdefault("runs", {})
     results["meta"] = {
         "model": args.model, "eval_text": text_desc, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{cpu_summary()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "date": dt.date.today().isoformat(), "command": " ".join(sys.argv),
     }
     for name in args.methods.split(","):

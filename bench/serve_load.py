@@ -150,16 +150,10 @@ def summarize(samples: list[Sample], wall: float, args: argparse.Namespace) -> d
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from llmcomp.hostinfo import cpu_info
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None  # other work sharing the machine
-    return {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+    return {"host": platform.node(), **cpu_info(), "python": platform.python_version(),
             "platform": platform.platform(), "load_average_1_5_15": load}
 
 

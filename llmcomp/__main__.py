@@ -1,3 +1,5 @@
 from llmcomp.cli.main import main
 
-main()
+# Guarded: worker processes started with "spawn" import the main module (``python -m llmcomp``).
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ from llmcomp.serve.protocol import (
     validation_error,
 )
 from llmcomp.serve.sampling import SamplingParams
+from llmcomp.serve.worker import RETRY_AFTER_S, EngineUnavailableError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -64,6 +65,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
 
     app.add_middleware(_AuthAndCount, api_key=config.api_key, metrics=metrics)
+    if hasattr(engine, "on_worker_exit"):  # a supervised worker process (llmcomp.serve.worker)
+        engine.on_worker_exit.append(lambda cause: metrics.worker_restarts.labels(cause=cause).inc())
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -80,9 +83,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return _error_response(APIError(500, message, type_="server_error"))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model_name, "active": engine.num_active,
-                "waiting": engine.num_waiting}
+    async def health() -> JSONResponse:
+        state = getattr(engine, "state", "ready")
+        body = {"status": "ok" if state == "ready" else state, "model": config.model_name,
+                "active": engine.num_active, "waiting": engine.num_waiting,
+                "worker_restarts": getattr(engine, "restarts", 0)}
+        headers = {} if state == "ready" else {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse(body, status_code=200 if state == "ready" else 503, headers=headers)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -206,7 +213,7 @@ def _model_card(name: str, context_length: int) -> dict[str, Any]:
 def _tokenize_prompt(engine: Engine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return list(engine.tokenizer(prompt).input_ids)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})",
@@ -282,6 +289,8 @@ class _Submission:
                            headers={"Retry-After": str(exc.retry_after)}) from None
         except EngineClosedError as exc:
             raise APIError(503, str(exc), type_="server_error", code="shutting_down") from None
+        except EngineUnavailableError as exc:
+            raise _unavailable(str(exc)) from None
 
     async def events(self, request: Request | None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """``(choice index, event)`` until every sequence is finished.
@@ -343,7 +352,7 @@ async def _run(
         try:
             async for i, ev in submission.events(request):
                 if ev.error:
-                    raise APIError(500, f"generation failed: {ev.error}", type_="server_error")
+                    raise _generation_error(ev)
                 record(i, ev)
         finally:
             account()
@@ -355,7 +364,7 @@ async def _run(
         try:
             async for i, ev in submission.events(None):
                 if ev.error:
-                    yield _sse(APIError(500, f"generation failed: {ev.error}", type_="server_error").body())
+                    yield _sse(_generation_error(ev).body())
                     return
                 record(i, ev)
                 c = choices[i]
@@ -383,6 +392,18 @@ async def _run(
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _unavailable(message: str) -> APIError:
+    return APIError(503, message, type_="server_error", code="worker_restarting",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _generation_error(ev: RequestOutput) -> APIError:
+    """503 when the failure is transient (the model worker died and is restarting), else 500."""
+    if ev.retryable:
+        return _unavailable(f"generation failed: {ev.error}")
+    return APIError(500, f"generation failed: {ev.error}", type_="server_error")
 
 
 def _error_response(exc: APIError) -> JSONResponse:

@@ -56,6 +56,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    retryable: bool = False  # the error is transient (the model worker is restarting): HTTP 503
 
 
 Sink = Callable[[RequestOutput], None]
@@ -138,6 +139,10 @@ class Engine:
     @property
     def num_active(self) -> int:
         return len(self._active)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> RequestHandle:
         return self.submit_many([(prompt_ids, params, sink)])[0]

@@ -26,6 +26,8 @@ class ServerMetrics:
                               ["endpoint"], buckets=TTFT_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("llmcomp_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.active = Gauge("llmcomp_active_sequences", "Sequences in the running batch", registry=r)
+        self.worker_restarts = Counter("llmcomp_worker_restarts", "Model worker processes that died and were "
+                                       "restarted, by cause (signal or exit status)", ["cause"], registry=r)
 
     def render(self, waiting: int, active: int) -> bytes:
         self.queue_depth.set(waiting)

@@ -1,13 +1,15 @@
-"""Assemble and run the native server: load the model, start the engine, serve the app."""
+"""Assemble and run the native server: start the model worker, serve the app."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from llmcomp.serve.app import ServerConfig, create_app
-from llmcomp.serve.engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, Engine
+from llmcomp.serve.engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
+from llmcomp.serve.worker import EngineWorker, WorkerSpec
 
 
 def default_threads() -> int:
@@ -36,21 +38,34 @@ class NativeOptions:
     log_level: str = "info"
 
 
-def build_native(model: str, options: NativeOptions) -> tuple[Any, Engine]:
-    """Load ``model`` (alias, local dir, llmcomp checkpoint or hub id) and build ``(app, engine)``."""
-    import torch
+def build_native(model: str, options: NativeOptions) -> tuple[Any, EngineWorker]:
+    """Start the model worker for ``model`` (alias, local dir, llmcomp checkpoint or hub id) and
+    build ``(app, engine)``; the API process itself loads only the tokenizer."""
+    from llmcomp.loading import load_tokenizer, resolve_source
 
-    from llmcomp.loading import load_model
-
-    torch.set_num_threads(options.threads or default_threads())
-    hf_model, tokenizer = load_model(model, dtype=options.dtype)
-    engine = Engine(hf_model, tokenizer, options.max_batch_size, options.max_queue, options.max_model_len)
+    _log_to_stderr()
+    source = resolve_source(model)
+    tokenizer = load_tokenizer(source)
+    spec = WorkerSpec(source.location, options.dtype, options.threads or default_threads(), options.max_batch_size,
+                      options.max_queue, options.max_model_len)
+    engine = EngineWorker(spec, tokenizer)
     config = ServerConfig(model_name=options.served_model_name or model, api_key=options.api_key)
     return create_app(engine, config), engine
 
 
+def _log_to_stderr() -> None:
+    """Worker starts, crashes and restarts go to stderr next to uvicorn's own lines."""
+    logger = logging.getLogger("llmcomp.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:    llmcomp: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def run_native(model: str, options: NativeOptions) -> None:
-    """Serve until interrupted (uvicorn handles SIGINT/SIGTERM), then stop the engine thread."""
+    """Serve until interrupted (uvicorn handles SIGINT/SIGTERM), then stop the model worker."""
     import uvicorn
 
     app, engine = build_native(model, options)

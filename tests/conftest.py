@@ -64,3 +64,10 @@ def tiny_llama_factory(tokenizer_dir: Path):
         return make_tiny_llama(path, tokenizer_dir, seed=seed, dtype=dtype, **overrides)
 
     return factory
+
+
+def pytest_report_header(config) -> str:
+    """Name the host kind at the top of every run: CPU kernels take different paths on each."""
+    from llmcomp.hostinfo import cpu_summary
+
+    return f"host: {cpu_summary()}"

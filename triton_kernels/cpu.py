@@ -7,7 +7,14 @@
   ``u = q + 8``, ``scale = s``, ``zero = -z * s``.
 * ``cpu_int8pack``: ``torch._weight_int8pack_mm`` (8-bit, one scale per output channel; an
   asymmetric zero point becomes a rank-1 correction ``- sum(x) * z * s``). It is only fast for
-  small M and gives garbage when K is not a multiple of 16, so larger batches dequantize on the fly.
+  small M, so larger batches dequantize on the fly.
+
+Alignment. On AVX-512 hosts the bf16 path of ``_weight_int8pack_mm`` uses aligned vector loads:
+it segfaults when the int8 weight does not start on a 16-byte boundary or the activations on a
+32-byte one, and when a row does not (K not a multiple of 16). Tensors read from safetensors sit
+at arbitrary file offsets, so every ``prepare`` copies what it hands to a native op into fresh
+storage (torch's CPU allocator aligns to 64 bytes), int8 weights are zero-padded to a multiple of
+16 columns, and activations that are not 64-byte aligned are copied before the call.
 * ``cpu_dense``: dequantize once, cache the dense weight in the activation dtype, ``F.linear``.
   Correct for everything (int2/3, group-wise int8, odd K, any N).
 """
@@ -30,7 +37,8 @@ FAST_ACT_DTYPES = (torch.bfloat16,)
 INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the torch int4 CPU kernel accepts
 INT4PACK_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 INT4PACK_INNER_K_TILES = 1  # ignored by the CPU packer; part of the op's signature
-INT8PACK_K_MULTIPLE = 16  # below this alignment _weight_int8pack_mm returns NaN/inf or crashes
+INT8PACK_K_MULTIPLE = 16  # int8pack rows must start 16-byte aligned: K is zero-padded to this
+NATIVE_ALIGN_BYTES = 64  # what torch's CPU allocator guarantees; native ops get nothing less
 # Rows (tokens) up to which the weight-only int8 op is used; above it the weight is dequantized on
 # the fly to float32 for one dense GEMM (PLATFORM-NOTES: on AVX-512 hosts int8pack is 2-3x faster
 # than bf16 at M=1 but slower at M=64; float32 GEMM is the fast dense path on AVX2 hosts).
@@ -54,6 +62,32 @@ def _fast_dtype(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % NATIVE_ALIGN_BYTES == 0
+
+
+def fresh_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in newly allocated contiguous storage (64-byte aligned), never a view of a file buffer."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    if out.numel() and not is_aligned(out):  # the allocator's guarantee; fail loudly, never crash
+        raise RuntimeError(f"torch allocated a tensor at {out.data_ptr():#x}, not {NATIVE_ALIGN_BYTES}-byte aligned")
+    return out
+
+
+def aligned_input(x: torch.Tensor) -> torch.Tensor:
+    """Activations ready for a native op: contiguous and aligned (a copy only when they are not).
+
+    While ``torch.compile`` traces, data pointers are unknown: copy unconditionally (inductor
+    allocates aligned buffers and fuses the copy into the producer where it can).
+    """
+    if torch.compiler.is_compiling():
+        return x.clone(memory_format=torch.contiguous_format)
+    if x.is_contiguous() and is_aligned(x):
+        return x
+    return fresh_copy(x)
 
 
 def _dense_weight(layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
@@ -95,10 +129,11 @@ class DenseCpuKernel:
 # -- int8 -----------------------------------------------------------------------------------------
 @dataclass
 class _Int8State:
-    weight: torch.Tensor  # int8 [N, K]
+    weight: torch.Tensor  # int8 [N, K + pad], fresh aligned storage, zero padding columns
     scale: torch.Tensor  # [N], activation dtype (the op requires it)
     zero_scale: torch.Tensor | None  # [N] float32, z * s (asymmetric only)
     scale_f32: torch.Tensor  # [N] for the dequantize path
+    pad: int  # zero columns appended to K so every row starts 16-byte aligned
 
 
 class Int8PackCpuKernel:
@@ -115,8 +150,6 @@ class Int8PackCpuKernel:
             return False, f"needs 8 bits, got {layout.bits}"
         if layout.group_size != layout.in_features:
             return False, f"needs one scale per output channel, got group size {layout.group_size}"
-        if layout.in_features % INT8PACK_K_MULTIPLE:
-            return False, f"in_features {layout.in_features} is not a multiple of {INT8PACK_K_MULTIPLE}"
         if not hasattr(torch, "_weight_int8pack_mm"):
             return False, "torch._weight_int8pack_mm is missing from this torch build"
         return True, ""
@@ -124,14 +157,19 @@ class Int8PackCpuKernel:
     def prepare(self, layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> _Int8State:
         scale = tensors.scale.float().reshape(-1)
         zs = None if tensors.zero is None else tensors.zero.float().reshape(-1) * scale
-        return _Int8State(tensors.packed.to(torch.int8).contiguous(), scale.to(dtype).contiguous(), zs, scale)
+        k = layout.in_features
+        pad = -k % INT8PACK_K_MULTIPLE
+        weight = torch.zeros(layout.out_features, k + pad, dtype=torch.int8)  # fresh, aligned
+        weight[:, :k] = tensors.packed.to(torch.int8)
+        return _Int8State(weight, fresh_copy(scale.to(dtype)), zs, scale, pad)
 
     def apply(self, x: torch.Tensor, layout: QuantLayout, state: _Int8State, bias: torch.Tensor | None):
         x2, lead = _flatten(x)
         if x2.shape[0] <= INT8PACK_MAX_M:
-            out = torch._weight_int8pack_mm(x2.contiguous(), state.weight, state.scale)
+            xa = F.pad(x2, (0, state.pad)) if state.pad else aligned_input(x2)  # F.pad allocates afresh
+            out = torch._weight_int8pack_mm(xa, state.weight, state.scale)
         else:
-            w = state.weight.float() * state.scale_f32.unsqueeze(1)
+            w = state.weight[:, : layout.in_features].float() * state.scale_f32.unsqueeze(1)
             out = F.linear(x2.float(), w).to(x.dtype)
         if state.zero_scale is not None:
             out = (out.float() - x2.float().sum(-1, keepdim=True) * state.zero_scale).to(x.dtype)
@@ -182,12 +220,12 @@ class Int4PackCpuKernel:
         index = torch.arange(kernel_groups) * g // layout.group_size
         scale = tensors.scale.float()[:, index]  # [N, K/g]
         zero = torch.zeros_like(scale) if tensors.zero is None else -tensors.zero.float()[:, index] * scale
-        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
-        return _Int4State(packed, g, sz)
+        sz = fresh_copy(torch.stack([scale.t(), zero.t()], dim=-1).to(dtype))
+        return _Int4State(fresh_copy(packed), g, sz)
 
     def apply(self, x: torch.Tensor, layout: QuantLayout, state: _Int4State, bias: torch.Tensor | None):
         x2, lead = _flatten(x)
-        out = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), state.packed, state.group, state.scales_and_zeros)
+        out = torch._weight_int4pack_mm_for_cpu(aligned_input(x2), state.packed, state.group, state.scales_and_zeros)
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.reshape(*lead, layout.out_features)

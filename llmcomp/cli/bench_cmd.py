@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from llmcomp.cli.common import console, user_errors
 from llmcomp.errors import LlmcompError
+from llmcomp.hostinfo import cpu_summary
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -59,7 +59,7 @@ def run_bench(model_source: str, batch_sizes: list[int], tokens: int, dtype: str
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "compiled": compile_step,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_summary(),
         "torch": torch.__version__,
         "results": results,
     }
@@ -91,6 +91,7 @@ def bench(
         table.add_row(str(r["batch_size"]), f"{r['decode_tokens_per_second']:.1f}", f"{r['ms_per_step']:.1f}",
                       f"{r['prefill_seconds']:.2f}")
     console.print(table)
+    console.print(f"host: {result['machine']}")
 
 
 def register(app: typer.Typer) -> None:
