@@ -29,6 +29,7 @@ from llmcomp.eval.perplexity import compute_perplexity
 from llmcomp.hostinfo import cpu_summary
 from llmcomp.loading import load_model
 from llmcomp.passes import pass_registry
+from llmcomp.passes.base import apply_to_layer
 from llmcomp.pipeline import compress
 from llmcomp.recipes import Recipe
 
@@ -82,7 +83,7 @@ def apply_pass(model: nn.Module, pass_type: str, config: dict[str, Any]) -> dict
     prefix, layers = decoder_layers(model)
     reports: dict[str, Any] = {}
     for i, layer in enumerate(layers):
-        reports.update(p.process_layer(layer, f"{prefix}.{i}", None))
+        reports.update(apply_to_layer(p, layer, f"{prefix}.{i}"))
     return reports
 
 

@@ -11,29 +11,42 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmcomp.errors import LlmcompError
 
+# A fixed-size sample of |x| per input group is enough for thresholds at a quantile (TEAL) and
+# keeps memory flat however much calibration text there is.
+QUANTILE_SAMPLE = 65536
+QUANTILE_SEED = 0
+
 
 @dataclass
 class InputStats:
-    """Running statistics of the inputs ``x`` (rows = tokens) seen by one linear layer."""
+    """Running statistics of the inputs ``x`` (rows = tokens) of one input group.
+
+    Modules reading the same input (q/k/v, gate/up) share one object: one Hessian, not three.
+    """
 
     in_features: int
     with_hessian: bool = False
+    with_quantiles: bool = False
     count: int = 0
     sum: torch.Tensor = field(init=False)
     sum_sq: torch.Tensor = field(init=False)
     xtx: torch.Tensor | None = field(init=False, default=None)
+    abs_sample: list[torch.Tensor] = field(init=False, default_factory=list)
+    modules: list[str] = field(default_factory=list)  # the names reading this input, in call order
 
     def __post_init__(self) -> None:
         self.sum = torch.zeros(self.in_features, dtype=torch.float64)
         self.sum_sq = torch.zeros(self.in_features, dtype=torch.float64)
         if self.with_hessian:
             self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32)
+        self._gen = torch.Generator().manual_seed(QUANTILE_SEED)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features)
@@ -44,6 +57,16 @@ class InputStats:
         if self.xtx is not None:
             xf = x.float()
             self.xtx += xf.T @ xf
+        if self.with_quantiles:
+            values = x.float().abs().reshape(-1)
+            take = min(values.numel(), QUANTILE_SAMPLE)
+            idx = torch.randperm(values.numel(), generator=self._gen)[:take]
+            self.abs_sample.append(values[idx])
+            pooled = torch.cat(self.abs_sample)
+            if pooled.numel() > QUANTILE_SAMPLE:  # keep a uniform subsample of everything seen
+                keep = torch.randperm(pooled.numel(), generator=self._gen)[:QUANTILE_SAMPLE]
+                pooled = pooled[keep]
+            self.abs_sample = [pooled]
 
     @property
     def mean(self) -> torch.Tensor:
@@ -62,15 +85,95 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         """``H = 2/n * X^T X`` (SparseGPT/GPTQ convention)."""
         if self.xtx is None:
-            raise RuntimeError("hessian was not collected; set needs_hessian on the pass")
+            raise RuntimeError("hessian was not collected; declare Needs(hessian=True) on the pass")
         return self.xtx * (2.0 / max(self.count, 1))
+
+    def abs_quantile(self, q: float) -> float:
+        """The ``q`` quantile of ``|x|`` over all entries seen (from a fixed-seed sample)."""
+        if not self.abs_sample:
+            raise RuntimeError("quantiles were not collected; declare Needs(quantiles=True) on the pass")
+        return float(torch.quantile(self.abs_sample[0], q))
+
+
+class StopForward(Exception):
+    """Raised inside a forward pass once everything wanted from it was recorded."""
+
+
+class InputObserver:
+    """Forward pre-hooks that feed :class:`InputStats`, one per *input group*.
+
+    Modules called with the very same input tensor within one forward of the layer share a group
+    (q/k/v read the same normed hidden state). Groups are numbered in the order the forward first
+    reaches them, which is also the order sequential passes compress them in.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], hessian: bool = False, quantiles: bool = False,
+                 one_group: bool = False) -> None:
+        """``one_group``: the modules are known to read one input (a group found earlier); the forward
+        is then stopped as soon as that input was recorded (:class:`StopForward`)."""
+        self.modules = modules
+        self.hessian, self.quantiles = hessian, quantiles
+        self.groups: list[InputStats] = []
+        self.group_of: dict[str, InputStats] = {}
+        self.one_group = one_group
+        if one_group:
+            first = next(iter(modules.values()))
+            shared = InputStats(first.in_features, hessian, quantiles, modules=list(modules))
+            self.groups = [shared]
+            self.group_of = dict.fromkeys(modules, shared)
+        self._batch = 0
+        self._seen: dict[int, tuple[int, torch.Tensor]] = {}  # id(group) -> (batch, last input)
+        self._handles: list[Any] = []
+
+    def new_batch(self) -> None:
+        """Call before each forward of the layer."""
+        self._batch += 1
+        self._seen.clear()
+
+    def _hook(self, name: str, x: torch.Tensor) -> None:
+        group = self.group_of.get(name)
+        if group is None:
+            for candidate in self.groups:  # a sibling already saw this very tensor in this forward
+                seen = self._seen.get(id(candidate))
+                if seen is not None and seen[0] == self._batch and seen[1] is x:
+                    group = candidate
+                    break
+            if group is None:
+                group = InputStats(x.shape[-1], self.hessian, self.quantiles)
+                self.groups.append(group)
+            group.modules.append(name)
+            self.group_of[name] = group
+        seen = self._seen.get(id(group))
+        if seen is not None and seen[0] == self._batch and seen[1] is x:
+            return  # a sibling already recorded this input
+        self._seen[id(group)] = (self._batch, x)
+        group.update(x)
+        if self.one_group:
+            raise StopForward
+
+    def __enter__(self) -> InputObserver:
+        for name, module in self.modules.items():
+            def hook(_mod: nn.Module, args: tuple, _name: str = name) -> None:
+                self._hook(_name, args[0])
+
+            self._handles.append(module.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def stats(self) -> dict[str, InputStats]:
+        return dict(self.group_of)
 
 
 @contextmanager
 def collect_input_stats(
-    modules: dict[str, nn.Linear], with_hessian: bool = False
+    modules: dict[str, nn.Module], with_hessian: bool = False
 ) -> Iterator[dict[str, InputStats]]:
-    """Attach forward pre-hooks that accumulate :class:`InputStats` for each named linear."""
+    """One :class:`InputStats` per module (no grouping): for direct use in tests and tools."""
     stats = {name: InputStats(m.in_features, with_hessian) for name, m in modules.items()}
     handles = []
     for name, module in modules.items():
@@ -114,6 +217,22 @@ def offline_evaluation_text() -> tuple[str, str]:
     """(text, description) of the offline evaluation corpus; disjoint from the calibration text."""
     desc = f"{LICENSE_DIR}/{{{','.join(EVALUATION_FILES)}}} (offline English license texts)"
     return _read_texts(EVALUATION_FILES), desc
+
+
+def calibration_text(data_file: str | None, override: str | None = None) -> tuple[str, str]:
+    """(text, description) of the calibration source: the one place that decides it.
+
+    ``override`` (text given by the caller, e.g. ``--calibration-file``) wins over the recipe's
+    ``data_file``; without either, the offline license texts (never the evaluation texts).
+    """
+    if override is not None:
+        return override, "caller-provided text"
+    if data_file:
+        path = Path(data_file)
+        if not path.is_file():
+            raise LlmcompError(f"calibration data_file {path} does not exist")
+        return path.read_text(encoding="utf-8", errors="replace"), str(path)
+    return offline_calibration_text(), "offline license texts (llmcomp.calibration)"
 
 
 def calibration_batches(

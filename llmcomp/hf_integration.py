@@ -20,9 +20,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from llmcomp.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, validate_checkpoint
+from llmcomp.formats.checkpoint import validate_checkpoint
 from llmcomp.modules.registry import build_module
 from llmcomp.passes.base import set_submodule
+from llmcomp.scheme import FORMAT_VERSION, QUANT_METHOD, parse_quantization_config
 
 
 class LlmcompConfig(QuantizationConfigMixin):
@@ -58,7 +59,8 @@ class LlmcompHfQuantizer(HfQuantizer):
         dtype = kwargs.get("dtype") or model.dtype
         if not isinstance(dtype, torch.dtype):
             dtype = torch.float32
-        for name, spec in self.quantization_config.modules.items():
+        specs = parse_quantization_config(self.quantization_config.to_dict()).modules  # v1 specs upgraded
+        for name, spec in specs.items():
             with torch.device("meta"):
                 module = build_module(name, spec, dtype)
             set_submodule(model, name, module)

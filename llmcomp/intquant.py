@@ -120,17 +120,30 @@ def quantize_with(
 
 
 def quantize_rtn(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True, scale_dtype: torch.dtype | None = None,
+    mask: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Plain round-to-nearest group quantization with min/max scales.
 
     ``scale_dtype``: the dtype scales will be stored in; codes are chosen against the rounded
-    scales so storage does not add error on top of quantization.
+    scales so storage does not add error on top of quantization. ``mask`` (True = kept): pruned
+    weights (zeros in ``w``) keep decoding to exactly 0. The min/max range includes 0 anyway, so
+    pruned zeros do not change it.
     """
     scale, zero = minmax_scales(w, bits, group_size, symmetric)
     if scale_dtype is not None:
         scale = scale.to(scale_dtype).float()
-    return quantize_with(w, scale, zero, bits, group_size)
+    qw = quantize_with(w, scale, zero, bits, group_size)
+    return qw if mask is None else apply_mask(qw, mask)
+
+
+def apply_mask(qw: QuantizedWeight, mask: torch.Tensor) -> QuantizedWeight:
+    """Set the codes of pruned weights (``mask`` False) to their group's zero point, so they
+    dequantize to exactly 0 whatever the scale: a sparsity mask survives quantization."""
+    k = qw.q.shape[1]
+    zero = torch.zeros_like(qw.q) if qw.zero is None else _expand_groups(qw.zero, qw.group_size, k).to(qw.q.dtype)
+    q = torch.where(mask.to(torch.bool), qw.q, zero)
+    return QuantizedWeight(q=q, scale=qw.scale, zero=qw.zero, bits=qw.bits, group_size=qw.group_size)
 
 
 def dequantize(

@@ -1,23 +1,32 @@
-"""Sequential, layer-by-layer compression of a Hugging Face causal LM.
+"""Sequential, layer-by-layer compression of a Hugging Face causal LM, resumable.
 
 Memory stays at about one decoder layer + calibration activations + the embeddings/head:
 
-1. a *skeleton* model with a single decoder layer holds the embeddings, rotary tables, final
-   norm and head (loaded from the checkpoint); its one layer is replaced by a catcher that
-   records the inputs and keyword arguments the first real layer would receive;
-2. each decoder layer is built on the meta device, materialised, filled from the safetensors
-   shards, compressed by every pass of the recipe (passes that need calibration see statistics
-   of this layer's inputs, which come from the already-compressed previous layers), its outputs
-   computed for the next layer, its tensors streamed to the output shards, and freed.
+1. the model is built once on the meta device; its decoder layers (found through the
+   architecture) are set aside and the rest (embeddings, rotary tables, final norm, head) is
+   materialised as the *skeleton*, whose first layer slot is a catcher that records the inputs
+   the first real layer would receive;
+2. the passes' model-level hooks run (a global budget is planned here);
+3. each decoder layer is materialised from the safetensors shards and handed to every pass in
+   recipe order. A pass sees only what it declared (:class:`~llmcomp.passes.base.Needs`): input
+   statistics per input group, recomputed per group for sequential passes, all from the inputs
+   that the already-compressed previous layers produce. Each module's
+   :class:`~llmcomp.passes.base.ModuleState` (mask, reports) travels from pass to pass. The
+   layer's tensors and the next layer's inputs are recorded in ``OUT.partial``;
+4. the head is compressed if a pass asks for it, the model-level end hooks run, and the
+   checkpoint is assembled atomically from ``OUT.partial``.
 
-Calibration forwards of bf16/fp16 models run on a float32 copy of the layer (CPU bf16 GEMMs are
-slow without native bf16 units); the layer that is compressed and written keeps its dtype.
+An interrupted run (crash, ``kill -9``, Ctrl-C) resumes at the first unrecorded layer with
+``resume=True`` and gives bit-identical tensors. Calibration forwards of bf16/fp16 models run on
+a float32 copy of the layer (CPU bf16 GEMMs are slow without native bf16 units); the layer that
+is compressed and written keeps its dtype.
 """
 
 from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import json
 import resource
 import time
@@ -29,27 +38,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmcomp.calibration import calibration_batches, collect_input_stats, offline_calibration_text
-from llmcomp.errors import LlmcompError
-from llmcomp.formats.checkpoint import (
-    RECIPE_FILE,
-    REPORT_FILE,
-    CheckpointWriter,
-    quantization_config,
-)
+from llmcomp.calibration import InputObserver, StopForward, calibration_batches, calibration_text
+from llmcomp.errors import CheckpointError, LlmcompError, RecipeError
+from llmcomp.formats.atomic import AtomicDirectory
+from llmcomp.formats.checkpoint import DEFAULT_SHARD_BYTES, RECIPE_FILE, REPORT_FILE, write_checkpoint
+from llmcomp.formats.partial import PartialRun
 from llmcomp.lazy_weights import LazyWeights
 from llmcomp.loading import ModelSource, load_tokenizer, parse_dtype, resolve_source
-from llmcomp.passes.base import CompressionPass, set_submodule
+from llmcomp.passes.base import (
+    CompressionPass,
+    LayerWork,
+    ModuleState,
+    Needs,
+    child_name,
+    compressible_modules,
+    set_submodule,
+)
 from llmcomp.recipes import Recipe
+from llmcomp.scheme import parse_module_spec
 
 CALIBRATION_BATCH = 8
 # Calibration forwards run in float32 on CPU: bf16/fp16 matmuls are several times slower there
 # on CPUs without native bf16 units, and float32 statistics are at least as accurate.
 CPU_CALIBRATION_DTYPE = torch.float32
-
-
-class _StopForward(Exception):
-    pass
+Inputs = list[tuple[torch.Tensor, dict[str, Any]]]
 
 
 class _Catcher(nn.Module):
@@ -57,12 +69,12 @@ class _Catcher(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        self.captured: Inputs = []
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
         self.captured.append((hidden_states, kwargs))
-        raise _StopForward
+        raise StopForward
 
 
 @dataclass
@@ -74,10 +86,49 @@ class LayerHandle:
 
 
 def find_decoder_layers(model: nn.Module, num_layers: int) -> LayerHandle:
+    """The decoder layers, found through the architecture: the ``ModuleList`` of ``num_layers``
+    modules whose class transformers names as the unit it never splits (``_no_split_modules``,
+    e.g. ``LlamaDecoderLayer``)."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    if not layer_classes:
+        raise LlmcompError(f"{type(model).__name__} does not name its decoder layer class (_no_split_modules)")
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+        if (isinstance(module, nn.ModuleList) and len(module) == num_layers
+                and all(type(m).__name__ in layer_classes for m in module)):
             return LayerHandle(name, num_layers)
-    raise LlmcompError(f"cannot find the decoder layers ({num_layers}-element ModuleList) in {type(model).__name__}")
+    raise LlmcompError(
+        f"cannot find the {num_layers} decoder layers ({'/'.join(sorted(layer_classes))}) in {type(model).__name__}"
+    )
+
+
+@dataclass
+class ModelInfo:
+    """What model-level pass hooks (``begin_model``, ``end_model``) see."""
+
+    source: ModelSource
+    model_dir: Path
+    config: Any
+    dtype: torch.dtype
+    layer_prefix: str
+    num_layers: int
+    module_shapes: dict[str, tuple[int, int]]  # every compressible module of the decoder layers
+    weights: LazyWeights
+    trust_remote_code: bool = False
+    _calibration: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    def calibration_ids(self) -> torch.Tensor:
+        """``[samples, seq_len]`` calibration token ids (the same windows the layers are calibrated on)."""
+        if self._calibration is None:
+            raise LlmcompError("this run has no calibration data")
+        return self._calibration()
+
+    def load_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The whole uncompressed model in memory (for passes that need end-to-end signals)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype,
+                                                     trust_remote_code=self.trust_remote_code)
+        return model.eval()
 
 
 @dataclass
@@ -86,18 +137,9 @@ class CompressionResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _layer_config_count(config: Any) -> int:
+def _layer_count(config: Any) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.num_hidden_layers)
-
-
-def _one_layer_config(config: Any) -> Any:
-    small = copy.deepcopy(config)
-    text = small.get_text_config() if hasattr(small, "get_text_config") else small
-    text.num_hidden_layers = 1
-    if getattr(text, "layer_types", None):
-        text.layer_types = text.layer_types[:1]
-    return small
 
 
 def _release_freed_memory() -> None:
@@ -140,8 +182,12 @@ def _local_source(source: ModelSource) -> Path:
         raise LlmcompError(f"cannot download {source.location!r} from the hub: {str(exc).splitlines()[0]}") from exc
 
 
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class Pipeline:
-    """Runs a recipe over one model; see the module docstring for the memory model."""
+    """Runs a recipe over one model; see the module docstring."""
 
     def __init__(
         self,
@@ -170,22 +216,113 @@ class Pipeline:
         self.calibration_dtype: torch.dtype = CPU_CALIBRATION_DTYPE if reduced else self.dtype
         self.trust_remote_code = trust_remote_code
         self.progress = progress
-        self.calibration_text = calibration_text
-        self.needs_calibration = any(p.requires_calibration for p in self.passes)
+        self.calibration_override = calibration_text
+        self.needs = Needs()
+        for p in self.passes:
+            self.needs = self.needs.union(p.needs())
+        self._calibration_ids: torch.Tensor | None = None
+        self._calibration_info: dict[str, Any] | None = None
 
-    # -- model pieces --------------------------------------------------------------------------
-    def _build_skeleton(self) -> tuple[nn.Module, LayerHandle]:
-        """Embeddings, rotary tables, final norm and head, without a second copy of anything:
-        built on the meta device, materialised empty, filled from the checkpoint."""
+    # -- the run, step by step -------------------------------------------------------------------
+    def run(self, output_dir: str | Path, overwrite: bool = False, shard_bytes: int | None = None,
+            resume: bool = False, on_layer: Callable[[int, int], None] | None = None,
+            resume_hint: str = "llmcomp compress ... --resume") -> CompressionResult:
+        t_start = time.perf_counter()
+        output = Path(output_dir)
+        if output.exists() and not overwrite:
+            raise CheckpointError(f"{output} already exists; pass --overwrite to replace it")
+        meta, handle = self._build_meta_model()
+        meta_layers = self._detach_layers(meta, handle)
+        info = self._model_info(meta_layers, handle)
+        self._check_targets(info)
+        partial = PartialRun(output, self._fingerprint(), resume, resume_hint)
+        try:
+            progress = self._begin(partial, info)
+            skeleton = self._materialize_skeleton(meta)
+            inputs = self._first_layer_inputs(skeleton, handle, partial)
+            with self._progress_bar() as bar:
+                task = bar.add_task("compressing", total=handle.count, completed=partial.layers_done) if bar else None
+                for i in range(partial.layers_done, handle.count):
+                    inputs = self._compress_layer(i, meta_layers, handle, inputs, partial, progress)
+                    if bar is not None:
+                        bar.advance(task)
+                    if on_layer is not None:
+                        on_layer(i, handle.count)
+            head_specs = self._compress_head(skeleton, handle, partial, progress)
+            summaries = {p.name: s for p in self.passes if (s := p.end_model(info)) is not None}
+            result = self._write(output, overwrite, shard_bytes, partial, progress, head_specs, summaries, t_start)
+        except BaseException:
+            partial.close()
+            raise
+        partial.remove()
+        return result
+
+    def _build_meta_model(self) -> tuple[nn.Module, LayerHandle]:
+        """The whole model on the meta device, built once: no memory, every shape known."""
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(
-                _one_layer_config(self.config), dtype=self.dtype, trust_remote_code=self.trust_remote_code
-            )
-        handle = find_decoder_layers(skeleton, 1)
-        skeleton.get_submodule(handle.prefix)[0] = nn.Identity()  # real layers are built one at a time
-        skeleton.to_empty(device="cpu")
+            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype,
+                                                     trust_remote_code=self.trust_remote_code)
+        return model, find_decoder_layers(model, _layer_count(self.config))
+
+    @staticmethod
+    def _detach_layers(meta: nn.Module, handle: LayerHandle) -> list[nn.Module]:
+        """Take the decoder layers out of the model (they are materialised one at a time later)."""
+        layers = meta.get_submodule(handle.prefix)
+        detached = list(layers)
+        for i in range(len(layers)):
+            layers[i] = nn.Identity()
+        return detached
+
+    def _model_info(self, meta_layers: list[nn.Module], handle: LayerHandle) -> ModelInfo:
+        shapes = {}
+        for i, layer in enumerate(meta_layers):
+            for name, module in compressible_modules(layer, f"{handle.prefix}.{i}").items():
+                shapes[name] = (module.out_features, module.in_features)
+        return ModelInfo(self.source, self.model_dir, self.config, self.dtype, handle.prefix, handle.count, shapes,
+                         self.weights, self.trust_remote_code, self._calibration_batches)
+
+    def _check_targets(self, info: ModelInfo) -> None:
+        """A pass whose targets select no module at all is a recipe error, reported before any work."""
+        example = next(iter(info.module_shapes), "model.layers.0.mlp.up_proj")
+        for i, p in enumerate(self.passes):
+            names = list(info.module_shapes) + (["lm_head"] if p.config.lm_head else [])
+            if not any(p.selects(n) for n in names):
+                raise RecipeError(
+                    f"recipe passes[{i}] ({p.name}): targets {p.config.targets} (ignore {p.config.ignore}) select no "
+                    f"module; names look like {example!r}"
+                )
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What must match for ``--resume`` to continue a run."""
+        from llmcomp import __version__
+
+        override = self.calibration_override
+        return {
+            "source": self.source.location,
+            "recipe": self.recipe.to_yaml(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "calibration_text_sha256": None if override is None else hashlib.sha256(override.encode()).hexdigest(),
+            "llmcomp_version": __version__,
+        }
+
+    def _begin(self, partial: PartialRun, info: ModelInfo) -> dict[str, Any]:
+        """Model-level start hooks, or, on resume, the passes' saved state and the progress so far."""
+        if partial.resumed:
+            progress = partial.progress
+            for p, state in zip(self.passes, progress["pass_states"], strict=True):
+                p.load_state_dict(state)
+            self._calibration_info = progress.get("calibration")
+            return progress
+        for p in self.passes:
+            p.begin_model(info)
+        return {"module_specs": {}, "module_reports": {}, "layer_seconds": [], "original_bytes": 0,
+                "pass_states": [p.state_dict() for p in self.passes], "calibration": None}
+
+    def _materialize_skeleton(self, meta: nn.Module) -> nn.Module:
+        """Embeddings, rotary tables, final norm and head, filled from the checkpoint."""
+        skeleton = meta.to_empty(device="cpu")
         own = list(skeleton.state_dict())
         present = [n for n in own if n in self.weights]
         skeleton.load_state_dict(self.weights.get(present), strict=False)
@@ -196,10 +333,75 @@ class Pipeline:
         if missing:
             raise LlmcompError(f"{self.model_dir}: checkpoint lacks {sorted(missing)[0]!r}")
         _rebuild_computed_buffers(skeleton)
-        skeleton.eval()
-        return skeleton, handle
+        return skeleton.eval()
 
-    def _build_layer(self, meta_layers: nn.ModuleList, prefix: str, index: int) -> nn.Module:
+    # -- calibration ---------------------------------------------------------------------------
+    def _calibration_batches(self) -> torch.Tensor:
+        """Token windows for calibration, tokenized once (first-layer capture and model-level hooks)."""
+        if self._calibration_ids is None:
+            cal = self.recipe.calibration
+            text, where = calibration_text(cal.data_file, self.calibration_override)
+            tokenizer = load_tokenizer(ModelSource("dir", str(self.model_dir)), self.trust_remote_code)
+            self._calibration_ids = calibration_batches(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
+            self._calibration_info = {"source": where, "samples": cal.num_samples, "seq_len": cal.seq_len,
+                                      "dtype": str(self.calibration_dtype).removeprefix("torch.")}
+        return self._calibration_ids
+
+    def _first_layer_inputs(self, skeleton: nn.Module, handle: LayerHandle, partial: PartialRun) -> Inputs | None:
+        if not self.needs.calibration:
+            return None
+        if partial.resumed:
+            return partial.load_inputs()
+        ids = self._calibration_batches()
+        catcher = _Catcher()
+        layers = skeleton.get_submodule(handle.prefix)
+        original = layers[0]
+        layers[0] = catcher
+        try:
+            with torch.inference_mode():
+                for start in range(0, ids.shape[0], CALIBRATION_BATCH):
+                    try:
+                        skeleton(input_ids=ids[start : start + CALIBRATION_BATCH], use_cache=False)
+                    except StopForward:
+                        pass
+        finally:
+            layers[0] = original
+        return [(_float_tensors_to(h, self.calibration_dtype), _float_tensors_to(kw, self.calibration_dtype))
+                for h, kw in catcher.captured]
+
+    def _calibration_layer(self, layer: nn.Module) -> nn.Module:
+        """The layer as calibration runs it: itself, or a float32 copy when it is a reduced float."""
+        if self.calibration_dtype == self.dtype:
+            return layer
+        return copy.deepcopy(layer).to(self.calibration_dtype)
+
+    @staticmethod
+    def _run_layer(layer: nn.Module, inputs: Inputs, before_batch: Callable[[], None] | None = None
+                   ) -> list[torch.Tensor]:
+        outs = []
+        with torch.inference_mode():
+            for hidden, kwargs in inputs:
+                if before_batch is not None:
+                    before_batch()
+                try:
+                    out = layer(hidden, **kwargs)
+                except StopForward:
+                    continue
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def _observe(self, layer: nn.Module, prefix: str, names: list[str], inputs: Inputs, needs: Needs,
+                 one_group: bool = False) -> InputObserver:
+        """Input statistics of ``names`` from a calibration forward of the layer as it is now."""
+        calib = self._calibration_layer(layer)
+        modules = {n: calib.get_submodule(child_name(n, prefix)) for n in names}
+        observer = InputObserver(modules, hessian=needs.hessian, quantiles=needs.quantiles, one_group=one_group)
+        with observer:
+            self._run_layer(calib, inputs, before_batch=observer.new_batch)
+        return observer
+
+    # -- one layer -----------------------------------------------------------------------------
+    def _build_layer(self, meta_layers: list[nn.Module], prefix: str, index: int) -> nn.Module:
         layer = meta_layers[index]
         for name, module in layer.named_modules():
             if getattr(module, "_non_persistent_buffers_set", None):
@@ -214,188 +416,153 @@ class Pipeline:
         meta_layers[index] = nn.Identity()  # drop our reference to the meta module
         return layer.eval()
 
-    def _meta_layers(self, handle_prefix: str) -> nn.ModuleList:
-        from transformers import AutoModelForCausalLM
+    def _apply_pass(self, p: CompressionPass, layer: nn.Module, prefix: str, states: dict[str, ModuleState],
+                    inputs: Inputs | None) -> None:
+        targets = p.select_targets(compressible_modules(layer, prefix), states)
+        if not targets:
+            return
+        needs = p.needs()
+        if not needs.calibration:
+            p.process_layer(LayerWork(layer, prefix, targets, states, None))
+            return
+        assert inputs is not None
+        observer = self._observe(layer, prefix, list(targets), inputs, needs)
+        if not needs.sequential:
+            p.process_layer(LayerWork(layer, prefix, targets, states, observer.stats()))
+            return
+        for k, group in enumerate(observer.groups):  # forward order: q/k/v, o, gate/up, down
+            names = list(group.modules)
+            if k > 0:  # earlier groups are compressed now: their outputs changed this group's input
+                group = self._observe(layer, prefix, names, inputs, needs, one_group=True).groups[0]
+            current = {n: layer.get_submodule(child_name(n, prefix)) for n in names}
+            p.process_layer(LayerWork(layer, prefix, current, states, dict.fromkeys(names, group)))
 
-        with torch.device("meta"):
-            full = AutoModelForCausalLM.from_config(
-                self.config, dtype=self.dtype, trust_remote_code=self.trust_remote_code
-            )
-        layers = full.get_submodule(handle_prefix)
-        assert isinstance(layers, nn.ModuleList)
-        return layers
+    def _compress_layer(self, index: int, meta_layers: list[nn.Module], handle: LayerHandle, inputs: Inputs | None,
+                        partial: PartialRun, progress: dict[str, Any]) -> Inputs | None:
+        t0 = time.perf_counter()
+        prefix = f"{handle.prefix}.{index}"
+        layer = self._build_layer(meta_layers, handle.prefix, index)
+        original_bytes = _bytes(layer.state_dict().values())
+        states = {n: ModuleState(n, (m.out_features, m.in_features))
+                  for n, m in compressible_modules(layer, prefix).items()}
+        for p in self.passes:
+            self._apply_pass(p, layer, prefix, states, inputs)
+        next_inputs = None
+        if inputs is not None and index + 1 < handle.count:
+            outs = self._run_layer(self._calibration_layer(layer), inputs)
+            next_inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs, strict=True)]
+        for name, module in compressible_modules(layer, prefix).items():
+            if callable(getattr(module, "spec", None)):
+                progress["module_specs"][name] = module.spec().model_dump(mode="json")
+            if states[name].passes:
+                progress["module_reports"][name] = states[name].summary()
+        tensors = {f"{prefix}.{n}": t for n, t in layer.state_dict().items()}
+        del layer
+        _release_freed_memory()
+        progress["original_bytes"] += original_bytes
+        progress["layer_seconds"].append(round(time.perf_counter() - t0, 4))
+        progress["pass_states"] = [p.state_dict() for p in self.passes]
+        progress["calibration"] = self._calibration_info
+        partial.record_layer(index, handle.count, tensors, next_inputs, progress)
+        return next_inputs
 
-    # -- calibration ---------------------------------------------------------------------------
-    def _capture_first_layer_inputs(self, skeleton: nn.Module, handle: LayerHandle):
-        tokenizer = load_tokenizer(ModelSource("dir", str(self.model_dir)), self.trust_remote_code)
-        cal = self.recipe.calibration
-        if self.calibration_text is not None:
-            text, where = self.calibration_text, "caller-provided text"
-        elif cal.data_file:
-            path = Path(cal.data_file)
-            if not path.is_file():
-                raise LlmcompError(f"calibration data_file {path} does not exist")
-            text, where = path.read_text(encoding="utf-8", errors="replace"), str(path)
-        else:
-            text, where = offline_calibration_text(), "offline license texts (llmcomp.calibration)"
-        ids = calibration_batches(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
-        catcher = _Catcher()
-        layers = skeleton.get_submodule(handle.prefix)
-        original = layers[0]
-        layers[0] = catcher
-        try:
-            with torch.inference_mode():
-                for start in range(0, ids.shape[0], CALIBRATION_BATCH):
-                    try:
-                        skeleton(input_ids=ids[start : start + CALIBRATION_BATCH], use_cache=False)
-                    except _StopForward:
-                        pass
-        finally:
-            layers[0] = original
-        inputs = self._calibration_inputs(catcher.captured)
-        return inputs, {"source": where, "samples": cal.num_samples, "seq_len": cal.seq_len,
-                        "dtype": str(inputs[0][0].dtype).removeprefix("torch.")}
-
-    def _calibration_layer(self, layer: nn.Module) -> nn.Module:
-        """The layer as calibration runs it: itself, or a float32 copy when it is a reduced float."""
-        if self.calibration_dtype == self.dtype:
-            return layer
-        return copy.deepcopy(layer).to(self.calibration_dtype)
-
-    def _calibration_inputs(self, captured: list[tuple[torch.Tensor, dict[str, Any]]]):
-        return [(_float_tensors_to(h, self.calibration_dtype), _float_tensors_to(kw, self.calibration_dtype))
-                for h, kw in captured]
-
-    @staticmethod
-    def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[torch.Tensor]:
-        outs = []
-        with torch.inference_mode():
-            for hidden, kwargs in inputs:
-                out = layer(hidden, **kwargs)
-                outs.append(out[0] if isinstance(out, tuple) else out)
-        return outs
-
-    # -- main loop -----------------------------------------------------------------------------
-    def run(self, output_dir: str | Path, overwrite: bool = False, shard_bytes: int | None = None,
-            on_layer: Callable[[int, int], None] | None = None) -> CompressionResult:
-        t_start = time.perf_counter()
-        writer_kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
-        skeleton, handle = self._build_skeleton()
-        handle = LayerHandle(handle.prefix, _layer_config_count(self.config))
-        meta_layers = self._meta_layers(handle.prefix)
-        calib_info: dict[str, Any] | None = None
-        inputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
-        if self.needs_calibration:
-            inputs, calib_info = self._capture_first_layer_inputs(skeleton, handle)
-        module_specs: dict[str, dict[str, Any]] = {}
-        module_reports: dict[str, dict[str, Any]] = {}
-        layer_times: list[float] = []
-        original_bytes = 0
-        with CheckpointWriter(output_dir, overwrite=overwrite, **writer_kwargs) as writer, self._progress() as bar:
-            task = bar.add_task("compressing", total=handle.count) if bar else None
-            for i in range(handle.count):
-                t0 = time.perf_counter()
-                layer = self._build_layer(meta_layers, handle.prefix, i)
-                original_bytes += sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-                prefix = f"{handle.prefix}.{i}"
-                for p in self.passes:
-                    stats = None
-                    if p.requires_calibration:
-                        calib_layer = self._calibration_layer(layer)
-                        targets = p.target_linears(calib_layer, prefix)
-                        with collect_input_stats(targets, with_hessian=p.needs_hessian) as stats:
-                            self._run_layer(calib_layer, inputs)
-                        del calib_layer
-                    module_reports.update(p.process_layer(layer, prefix, stats))
-                if self.needs_calibration and i + 1 < handle.count:
-                    outs = self._run_layer(self._calibration_layer(layer), inputs)
-                    inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs, strict=True)]
-                for sub, module in layer.named_modules():
-                    if hasattr(module, "spec") and callable(module.spec):
-                        module_specs[f"{prefix}.{sub}"] = module.spec()
-                writer.add({f"{prefix}.{n}": t for n, t in layer.state_dict().items()})
-                del layer
-                _release_freed_memory()
-                layer_times.append(time.perf_counter() - t0)
-                if bar is not None:
-                    bar.advance(task)
-                if on_layer is not None:
-                    on_layer(i, handle.count)
-            compressed_head = self._compress_head(skeleton)
-            head = self._head_tensors(skeleton, handle, None if compressed_head is None else compressed_head.name)
-            original_bytes += sum(t.numel() * t.element_size() for t in head.values())
-            writer.add(head)
-            config = self.config.to_dict()
-            if compressed_head is not None:
-                if not getattr(self.config, "tie_word_embeddings", False):  # a tied head was counted as the embedding
-                    head_weight = skeleton.get_submodule(compressed_head.name).weight
-                    original_bytes += head_weight.numel() * head_weight.element_size()
-                writer.add(compressed_head.tensors)
-                module_specs.update(compressed_head.specs)
-                module_reports.update(compressed_head.reports)
-                _untie_word_embeddings(config)
-            report = self._report(module_reports, layer_times, original_bytes, calib_info, t_start)
-            config["quantization_config"] = quantization_config(module_specs, recipe=self.recipe.name)
-            config.setdefault("dtype", str(self.dtype).removeprefix("torch."))
-            out = writer.commit(
-                config,
-                side_files={RECIPE_FILE: self.recipe.to_yaml(), REPORT_FILE: _json(report)},
-                copy_from=self.model_dir,
-            )
-        report["compressed_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        report["compression_ratio"] = report["original_bytes"] / max(report["compressed_bytes"], 1)
-        (out / REPORT_FILE).write_text(_json(report))
-        return CompressionResult(out, report)
-
-    def _head_tensors(self, skeleton: nn.Module, handle: LayerHandle, compressed_head: str | None
-                      ) -> dict[str, torch.Tensor]:
-        """Dense tensors outside the decoder layers; a tied or separately compressed head is left out."""
-        state = skeleton.state_dict()
-        tied = bool(getattr(self.config, "tie_word_embeddings", False))
-        return {
-            n: t for n, t in state.items()
-            if not n.startswith(handle.prefix + ".") and not (tied and n.startswith("lm_head."))
-            and not (compressed_head and n.startswith(compressed_head + "."))
-        }
-
-    def _compress_head(self, skeleton: nn.Module) -> _CompressedHead | None:
-        """Run the passes configured with ``lm_head: true`` on the output head.
+    # -- the head and the rest -----------------------------------------------------------------
+    def _compress_head(self, skeleton: nn.Module, handle: LayerHandle, partial: PartialRun,
+                       progress: dict[str, Any]) -> dict[str, Any]:
+        """Dense tensors outside the decoder layers, and the output head compressed by the passes
+        configured with ``lm_head: true``.
 
         The head gets no calibration statistics (it would need the final norm's outputs), so only
         passes that work without them may compress it. A head tied to the input embedding is
         compressed from a copy: the embedding stays dense and the checkpoint is saved untied.
         """
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        dense = {n: t for n, t in skeleton.state_dict().items()
+                 if not n.startswith(handle.prefix + ".") and not (tied and n.startswith("lm_head."))}
+        progress["original_bytes"] += _bytes(dense.values())  # a tied head counts once, as the embedding
         passes = [p for p in self.passes if p.config.lm_head]
-        if not passes:
-            return None
+        specs: dict[str, Any] = {}
+        if passes:
+            name, holder = self._head_copy(skeleton)
+            dense = {n: t for n, t in dense.items() if not n.startswith(name + ".")}
+            states = {name: ModuleState(name, tuple(holder.get_submodule(name).weight.shape))}
+            for p in passes:
+                if p.needs().calibration and not p.calibration_optional:
+                    raise LlmcompError(
+                        f"pass {p.name!r} needs calibration statistics, which the output head does not get; "
+                        "remove lm_head: true from it"
+                    )
+                targets = p.select_targets(compressible_modules(holder, ""), states)
+                if targets:
+                    p.process_layer(LayerWork(holder, "", targets, states, None))
+            if not states[name].passes:
+                raise LlmcompError(f"lm_head: true, but no pass targets select {name!r} (check targets/ignore)")
+            module = holder.get_submodule(name)
+            if callable(getattr(module, "spec", None)):
+                specs[name] = module.spec().model_dump(mode="json")
+            progress["module_reports"][name] = states[name].summary()
+            dense.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        partial.record_head(dense)
+        return specs
+
+    @staticmethod
+    def _head_copy(skeleton: nn.Module) -> tuple[str, nn.Module]:
         head = skeleton.get_output_embeddings()
         name = next((n for n, m in skeleton.named_modules() if m is head), None)
         if name is None or type(head) is not nn.Linear:
             raise LlmcompError(f"lm_head: true, but the output head is a {type(head).__name__}, not a linear layer")
         holder = nn.Module()
-        copy_ = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
-                          dtype=head.weight.dtype)
+        copy_ = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=head.weight.dtype)
         with torch.no_grad():
             copy_.weight.copy_(head.weight)
             if head.bias is not None:
                 copy_.bias.copy_(head.bias)
         _set_nested(holder, name, copy_)
-        reports: dict[str, dict[str, Any]] = {}
-        for p in passes:
-            if p.requires_calibration and not p.calibration_optional:
-                raise LlmcompError(
-                    f"pass {p.name!r} needs calibration statistics, which the output head does not get; "
-                    "remove lm_head: true from it"
-                )
-            reports.update(p.process_layer(holder, "", None))
-        if not reports:
-            raise LlmcompError(f"lm_head: true, but no pass targets select {name!r} (check targets/ignore)")
-        module = holder.get_submodule(name)
-        specs = {name: module.spec()} if callable(getattr(module, "spec", None)) else {}
-        tensors = {f"{name}.{k}": v for k, v in module.state_dict().items()}
-        return _CompressedHead(name, tensors, specs, reports)
+        return name, holder
 
-    def _progress(self):
+    def _write(self, output: Path, overwrite: bool, shard_bytes: int | None, partial: PartialRun,
+               progress: dict[str, Any], head_specs: dict[str, Any], summaries: dict[str, Any], t_start: float
+               ) -> CompressionResult:
+        specs = {n: parse_module_spec(n, s) for n, s in {**progress["module_specs"], **head_specs}.items()}
+        config = self.config.to_dict()
+        if head_specs:
+            _untie_word_embeddings(config)
+        config.setdefault("dtype", str(self.dtype).removeprefix("torch."))
+        report = self._report(progress, summaries, partial.resumed, t_start)
+
+        def side_files(tensor_bytes: int) -> dict[str, str]:
+            report["compressed_bytes"] = tensor_bytes
+            report["compression_ratio"] = report["original_bytes"] / max(tensor_bytes, 1)
+            report["total_seconds"] = round(time.perf_counter() - t_start, 3)
+            return {RECIPE_FILE: self.recipe.to_yaml(), REPORT_FILE: _json(report)}
+
+        with AtomicDirectory(output, overwrite) as stage:
+            write_checkpoint(stage.path, partial.tensor_files(), config, specs, side_files,
+                             shard_bytes or DEFAULT_SHARD_BYTES, copy_from=self.model_dir, recipe=self.recipe.name)
+            stage.commit()
+        return CompressionResult(output, report)
+
+    def _report(self, progress: dict[str, Any], summaries: dict[str, Any], resumed: bool, t_start: float
+                ) -> dict[str, Any]:
+        modules = progress["module_reports"]
+        bpw = [(m["bits_per_weight"], m.get("numel", 0)) for m in modules.values() if "bits_per_weight" in m]
+        total_n = sum(n for _, n in bpw)
+        return {
+            "recipe": self.recipe.name,
+            "source": self.source.location,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "calibration": progress.get("calibration"),
+            "modules": modules,
+            "passes": summaries,
+            "average_bits_per_weight": (sum(b * n for b, n in bpw) / total_n) if total_n else None,
+            "layer_seconds": progress["layer_seconds"],
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "resumed": resumed,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "original_bytes": progress["original_bytes"],
+        }
+
+    def _progress_bar(self):
         from contextlib import nullcontext
 
         if not self.progress:
@@ -404,32 +571,6 @@ class Pipeline:
 
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("layers"), TimeElapsedColumn(), transient=False)
-
-    def _report(self, modules: dict[str, dict[str, Any]], layer_times: list[float], original_bytes: int,
-                calib: dict[str, Any] | None, t_start: float) -> dict[str, Any]:
-        bpw = [(m["bits_per_weight"], m.get("numel", 0)) for m in modules.values() if "bits_per_weight" in m]
-        weighted = sum(b * n for b, n in bpw)
-        total_n = sum(n for _, n in bpw)
-        return {
-            "recipe": self.recipe.name,
-            "source": self.source.location,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "calibration": calib,
-            "modules": modules,
-            "average_bits_per_weight": (weighted / total_n) if total_n else None,
-            "layer_seconds": [round(t, 4) for t in layer_times],
-            "total_seconds": round(time.perf_counter() - t_start, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "original_bytes": original_bytes,
-        }
-
-
-@dataclass
-class _CompressedHead:
-    name: str
-    tensors: dict[str, torch.Tensor]
-    specs: dict[str, dict[str, Any]]
-    reports: dict[str, dict[str, Any]]
 
 
 def _set_nested(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -466,8 +607,9 @@ def _json(data: Any) -> str:
 
 def compress(source: str, recipe: Recipe, output_dir: str | Path, overwrite: bool = False, dtype: str = "auto",
              progress: bool = True, shard_bytes: int | None = None, trust_remote_code: bool = False,
-             calibration_text: str | None = None) -> CompressionResult:
+             calibration_text: str | None = None, resume: bool = False,
+             resume_hint: str = "llmcomp compress ... --resume") -> CompressionResult:
     """Compress ``source`` with ``recipe`` into an llmcomp checkpoint at ``output_dir``."""
     pipe = Pipeline(source, recipe, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress,
                     calibration_text=calibration_text)
-    return pipe.run(output_dir, overwrite=overwrite, shard_bytes=shard_bytes)
+    return pipe.run(output_dir, overwrite=overwrite, shard_bytes=shard_bytes, resume=resume, resume_hint=resume_hint)

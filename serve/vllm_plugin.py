@@ -34,6 +34,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from llmcomp import intquant
 from llmcomp.kernels.dispatch import QuantLayout, QuantTensors, select_kernel
+from llmcomp.scheme import IntAffineSpec
 from llmcomp.serve.vllm_spec import QUANT_METHOD, LinearQuantSpec, layer_spec, parse_modules
 
 MIN_CUDA_CAPABILITY = 70  # Triton kernels need Volta or newer; vLLM ignores this on CPU
@@ -42,7 +43,7 @@ MIN_CUDA_CAPABILITY = 70  # Triton kernels need Volta or newer; vLLM ignores thi
 class LlmcompConfig(QuantizationConfig):
     """The ``quantization_config`` of an llmcomp checkpoint (docs/FORMAT.md)."""
 
-    def __init__(self, modules: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, modules: dict[str, IntAffineSpec]) -> None:
         super().__init__()
         self.modules = modules
 

@@ -1,4 +1,5 @@
-"""Parse an llmcomp ``quantization_config`` for vLLM (pure Python: no vLLM import).
+"""Parse an llmcomp ``quantization_config`` for vLLM (no vLLM import): :mod:`llmcomp.scheme`'s
+spec, plus what the vLLM path can run.
 
 vLLM fuses Llama's q/k/v and gate/up projections into one layer, so a fused layer is quantized
 only if all its shards are, with one shared ``bits / group_size / symmetric``. Anything the vLLM
@@ -11,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmcomp import intquant
+from llmcomp.errors import CheckpointError
+from llmcomp.scheme import FUSED_PROJECTIONS, QUANT_METHOD, IntAffineSpec, ModuleSpec, parse_quantization_config
 
-QUANT_METHOD = "llmcomp"
-SUPPORTED_FORMAT_VERSIONS = (1,)
-SUPPORTED_MODULE_TYPES = ("quant_linear",)
+SUPPORTED_KINDS = ("int_affine",)
 # How vLLM fuses HF projections in Llama-style models (Mistral, Qwen2, ...): used to check a
 # checkpoint before vLLM starts; at load time the model's own packed_modules_mapping is used.
-COMMON_FUSIONS = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+COMMON_FUSIONS = {fused: list(members) for fused, members in FUSED_PROJECTIONS.items()}
+__all__ = ["QUANT_METHOD", "LinearQuantSpec", "parse_modules", "layer_spec", "check_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -34,33 +36,21 @@ class LinearQuantSpec:
         return self.group_size >= self.in_features
 
 
-def parse_modules(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Validate the top level and return the per-module specs (``quant_linear`` only)."""
-    method = config.get("quant_method")
-    if method != QUANT_METHOD:
-        raise ValueError(f"quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
-    version = config.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise ValueError(
-            f"llmcomp checkpoint format_version {version!r} is not supported by this plugin "
-            f"(supported: {SUPPORTED_FORMAT_VERSIONS})"
-        )
-    modules = config.get("modules")
-    if not isinstance(modules, dict):
-        raise ValueError("quantization_config.modules must map module names to module specs")
-    unsupported = sorted(n for n, s in modules.items() if s.get("type") not in SUPPORTED_MODULE_TYPES)
+def parse_modules(config: dict[str, Any]) -> dict[str, IntAffineSpec]:
+    """Validate the ``quantization_config`` (format version 1 or 2) and return its module specs."""
+    try:
+        modules: dict[str, ModuleSpec] = parse_quantization_config(config, where="quantization_config").modules
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
+    unsupported = sorted(n for n, s in modules.items() if s.kind not in SUPPORTED_KINDS)
     if unsupported:
-        kinds = sorted({str(modules[n].get("type")) for n in unsupported})
+        kinds = sorted({modules[n].kind for n in unsupported})
         raise ValueError(
-            f"the vLLM plugin runs only {SUPPORTED_MODULE_TYPES} modules; this checkpoint has "
+            f"the vLLM plugin runs only {SUPPORTED_KINDS} modules; this checkpoint has "
             f"{', '.join(kinds)} in {len(unsupported)} modules (e.g. {unsupported[0]}); "
             "serve it with `llmcomp serve --engine native`"
         )
-    for name, spec in modules.items():
-        bits = spec.get("bits")
-        if bits not in intquant.SUPPORTED_BITS:
-            raise ValueError(f"module {name}: bits={bits!r} not in {intquant.SUPPORTED_BITS}")
-    return modules
+    return modules  # type: ignore[return-value]
 
 
 def shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
@@ -73,7 +63,7 @@ def shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> li
 
 
 def layer_spec(
-    prefix: str, modules: dict[str, dict[str, Any]], packed_modules_mapping: dict[str, list[str]]
+    prefix: str, modules: dict[str, IntAffineSpec], packed_modules_mapping: dict[str, list[str]]
 ) -> LinearQuantSpec | None:
     """The quantization of vLLM layer ``prefix``; ``None`` when it is a plain dense layer."""
     names = shard_names(prefix, packed_modules_mapping)
@@ -86,10 +76,10 @@ def layer_spec(
             f"vLLM fuses {', '.join(names)} into {prefix}, but {', '.join(missing)} is not quantized; "
             "quantize all shards of a fused layer or none"
         )
-    keys = {(s["bits"], s["group_size"], bool(s["symmetric"]), s["in_features"]) for s in specs}  # type: ignore[index]
+    keys = {(s.bits, s.group_size, s.symmetric, s.in_features) for s in specs}  # type: ignore[union-attr]
     if len(keys) > 1:
         detail = "; ".join(
-            f"{n}: bits={s['bits']} group_size={s['group_size']} symmetric={s['symmetric']}"  # type: ignore[index]
+            f"{n}: bits={s.bits} group_size={s.group_size} symmetric={s.symmetric}"  # type: ignore[union-attr]
             for n, s in zip(names, specs, strict=True)
         )
         raise ValueError(

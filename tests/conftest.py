@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama saved as an HF directory, with the real SmolLM2 tokenizer."""
+"""Shared fixtures: a tiny random Llama saved as an HF directory, with the real SmolLM2 tokenizer
+(the models themselves are built in ``tiny_models.py``)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-TINY_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=160,  # 160 is not a multiple of 128: exercises short last groups
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
+from tiny_models import make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -34,19 +26,6 @@ def tokenizer_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         if (smollm2_dir / name).is_file():
             shutil.copy(smollm2_dir / name, out / name)
     return out
-
-
-def make_tiny_llama(path: Path, tokenizer_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         **{**TINY_CONFIG, **overrides})
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return model
 
 
 @pytest.fixture(scope="session")

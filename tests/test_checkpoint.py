@@ -1,4 +1,4 @@
-"""Checkpoint validation errors and atomic writes."""
+"""Checkpoint validation errors and atomic writes (resume: tests/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from llmcomp.errors import CheckpointError
-from llmcomp.formats.checkpoint import CheckpointWriter, sha256_file, validate_checkpoint
+from llmcomp.formats.atomic import AtomicDirectory
+from llmcomp.formats.checkpoint import sha256_file, validate_checkpoint
 from llmcomp.pipeline import Pipeline, compress
 from llmcomp.recipes import recipe_from_dict
 
@@ -109,13 +110,14 @@ def test_spec_mismatch_names_the_field(ckpt):
         validate_checkpoint(ckpt)
 
 
-def test_unknown_version_and_type(ckpt):
+def test_unknown_version_and_kind(ckpt):
+    assert validate_checkpoint(ckpt).stored_version == 2
     _edit_config(ckpt, lambda c: c["quantization_config"].update(format_version=99))
     with pytest.raises(CheckpointError, match="unsupported quantization_config.format_version 99"):
         validate_checkpoint(ckpt)
-    _edit_config(ckpt, lambda c: c["quantization_config"].update(format_version=1))
-    _edit_config(ckpt, lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(type="zzz"))
-    with pytest.raises(CheckpointError, match="unknown type 'zzz'"):
+    _edit_config(ckpt, lambda c: c["quantization_config"].update(format_version=2))
+    _edit_config(ckpt, lambda c: c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(kind="zzz"))
+    with pytest.raises(CheckpointError, match="module 'model.layers.0.mlp.up_proj' has unknown kind 'zzz'"):
         validate_checkpoint(ckpt)
 
 
@@ -125,7 +127,7 @@ def test_missing_file(ckpt):
         validate_checkpoint(ckpt)
 
 
-def test_interrupted_compression_leaves_nothing(tiny_llama_dir, tmp_path):
+def test_interrupted_compression_leaves_no_output(tiny_llama_dir, tmp_path):
     out = tmp_path / "partial"
     pipe = Pipeline(str(tiny_llama_dir), recipe_from_dict(RTN4), progress=False)
 
@@ -135,8 +137,8 @@ def test_interrupted_compression_leaves_nothing(tiny_llama_dir, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         pipe.run(out, on_layer=interrupt)
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # temporary directory removed too
+    assert not out.exists()  # never half a checkpoint under the output name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial.partial"]  # only the resumable progress
 
 
 def test_overwrite_is_atomic_and_required(tiny_llama_dir, good_ckpt, tmp_path):
@@ -152,9 +154,13 @@ def test_overwrite_is_atomic_and_required(tiny_llama_dir, good_ckpt, tmp_path):
     with pytest.raises(RuntimeError):
         pipe.run(out, overwrite=True, on_layer=interrupt)
     validate_checkpoint(out)  # the old checkpoint is untouched by the failed overwrite
-    compress(str(tiny_llama_dir), recipe_from_dict({"passes": [{"type": "rtn", "bits": 8}]}), out,
-             overwrite=True, progress=False)
-    assert validate_checkpoint(out).modules["model.layers.0.mlp.up_proj"]["bits"] == 8
+    rtn8 = recipe_from_dict({"passes": [{"type": "rtn", "bits": 8}]})
+    with pytest.raises(CheckpointError, match=r"holds an interrupted compression \(1/3 layers done\)"):
+        compress(str(tiny_llama_dir), rtn8, out, overwrite=True, progress=False)
+    with pytest.raises(CheckpointError, match="started with different settings \\(recipe differ"):
+        compress(str(tiny_llama_dir), rtn8, out, overwrite=True, progress=False, resume=True)
+    compress(str(tiny_llama_dir), recipe_from_dict(RTN4), out, overwrite=True, progress=False, resume=True)
+    assert validate_checkpoint(out).modules["model.layers.0.mlp.up_proj"].bits == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
@@ -172,12 +178,16 @@ def test_sharded_checkpoint_roundtrip(tiny_llama_dir, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_writer_cleans_up_on_error(tmp_path):
+def test_atomic_directory_cleans_up_on_error(tmp_path):
     out = tmp_path / "w"
-    with pytest.raises(ValueError), CheckpointWriter(out) as writer:
-        writer.add({"a": torch.arange(4)})
+    with pytest.raises(ValueError), AtomicDirectory(out) as stage:
+        (stage.path / "a.txt").write_text("half")
         raise ValueError("boom")
     assert list(tmp_path.iterdir()) == []
+    with AtomicDirectory(out) as stage:
+        (stage.path / "a.txt").write_text("whole")
+        stage.commit()
+    assert (out / "a.txt").read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
 @pytest.mark.parametrize("order", ["llmcomp-first", "transformers-first"])

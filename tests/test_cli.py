@@ -65,7 +65,7 @@ def test_inspect_shows_pruned_modules(tiny_llama_dir, tmp_path):
     out = tmp_path / "pq"
     assert runner.invoke(app, ["compress", str(tiny_llama_dir), "-r", str(recipe), "-o", str(out)]).exit_code == 0
     summary = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
-    assert summary["modules"]["model.layers.2.mlp.up_proj"]["type"] == "dense"
+    assert summary["modules"]["model.layers.2.mlp.up_proj"]["kind"] == "dense"
     assert abs(summary["modules"]["model.layers.2.mlp.up_proj"]["sparsity"] - 0.5) < 1e-6
     assert summary["modules"]["model.layers.2.self_attn.o_proj"]["bits"] == 4
     names = list(summary["modules"])

@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_models import byte_tokenizer, tiny_llama
 from typer.testing import CliRunner
-
-from llmcomp.eval.testing import byte_tokenizer, tiny_llama
 
 SEQ_LEN = 64
 GLUE_ROWS = 8

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from tiny_models import byte_tokenizer, tiny_llama
 
 from llmcomp.errors import LlmcompError
 from llmcomp.eval.harness import build_hf_lm, local_task_config, run_harness, task_manager
 from llmcomp.eval.tasks import TASKS
-from llmcomp.eval.testing import byte_tokenizer, tiny_llama
 
 ROWS = 12
 MODEL_SEED = 0

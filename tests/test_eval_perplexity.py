@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import byte_tokenizer, tiny_llama
 from torch import nn
 
 from llmcomp.errors import LlmcompError
 from llmcomp.eval.perplexity import compute_perplexity, plan_windows
-from llmcomp.eval.testing import byte_tokenizer, tiny_llama
 
 SEED_TEXT = 1234
 TEXT_CHARS = 900

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import byte_tokenizer, tiny_llama
 
 from llmcomp import intquant
 from llmcomp.eval.model_size import measure_model_size
@@ -14,7 +15,6 @@ from llmcomp.eval.plots import pareto_front, plot_tradeoff
 from llmcomp.eval.report import comparison_rows, markdown_report, report_dict
 from llmcomp.eval.runner import EvalSettings, ModelResult
 from llmcomp.eval.tasks import TASKS
-from llmcomp.eval.testing import byte_tokenizer, tiny_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized import helpers as ct_helpers
+from spec_kinds import DUMMY_KIND
 from typer.testing import CliRunner
 
 from llmcomp.errors import LlmcompError
 from llmcomp.formats.compressed_tensors import export_compressed_tensors, pack_int32, scheme_for
 from llmcomp.pipeline import compress
 from llmcomp.recipes import recipe_from_dict
+from llmcomp.scheme import IntAffineSpec, parse_module_spec
 
 runner = CliRunner()
 
@@ -30,9 +32,8 @@ def test_pack_int32_matches_compressed_tensors(bits: int, dim: int) -> None:
     assert torch.equal(ct_helpers.unpack_from_int32(ours, bits, q.shape, packed_dim=dim), q)
 
 
-def _spec(bits: int = 4, group: int = 32, k: int = 160, type_: str = "quant_linear") -> dict:
-    return {"type": type_, "in_features": k, "out_features": 64, "bits": bits, "group_size": group,
-            "symmetric": False, "bias": False}
+def _spec(bits: int = 4, group: int = 32, k: int = 160):
+    return IntAffineSpec(in_features=k, out_features=64, bits=bits, group_size=group, symmetric=False)
 
 
 def test_scheme_mapping_and_refusals() -> None:
@@ -43,8 +44,8 @@ def test_scheme_mapping_and_refusals() -> None:
         scheme_for("m", _spec(bits=3))
     with pytest.raises(LlmcompError, match="does not divide"):
         scheme_for("m", _spec(group=64))
-    with pytest.raises(LlmcompError, match="module type"):
-        scheme_for("m", _spec(type_="sparse_linear"))
+    with pytest.raises(LlmcompError, match=f"module kind '{DUMMY_KIND}' has no pack-quantized equivalent"):
+        scheme_for("m", parse_module_spec("m", {"kind": DUMMY_KIND, "in_features": 8, "out_features": 8}))
 
 
 def _checkpoint(tiny_llama_dir, out, **pass_cfg):

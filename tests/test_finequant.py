@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import random_llama
 from torch import nn
 
 from llmcomp import intquant
 from llmcomp.modules import QuantLinear
 from llmcomp.passes import pass_registry
+from llmcomp.passes.base import apply_to_layer
 from llmcomp.passes.finequant import FineQuantConfig, FineQuantPass, _Search, fused_groups
 
 
 def _tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    return random_llama(seed, hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
 
 
 def _run(model, **cfg):
     p = FineQuantPass(FineQuantConfig(**cfg))
     reports = {}
     for i, layer in enumerate(model.model.layers):
-        reports.update(p.process_layer(layer, f"model.layers.{i}", None))
+        reports.update(apply_to_layer(p, layer, f"model.layers.{i}"))
     return reports
 
 
@@ -172,8 +171,8 @@ def test_require_divisible_avoids_short_groups() -> None:
 
 
 def test_activation_aware_option_declares_calibration() -> None:
-    assert not FineQuantPass(FineQuantConfig()).requires_calibration
-    assert FineQuantPass(FineQuantConfig(activation_aware=True)).requires_calibration
+    assert not FineQuantPass(FineQuantConfig()).needs().calibration
+    assert FineQuantPass(FineQuantConfig(activation_aware=True)).needs().calibration
 
 
 @pytest.mark.parametrize(
@@ -185,7 +184,7 @@ def test_builtin_recipes(name: str, bits: int) -> None:
     from llmcomp.recipes import load_recipe
 
     (p,) = load_recipe(name).build_passes()
-    assert p.config.bits == bits and not p.requires_calibration
+    assert p.config.bits == bits and not p.needs().calibration
     assert not getattr(p.config, "activation_aware", False)
     if name in ("finequant-w4", "finequant-w3"):
         # The adaptive recipes must really adapt: an outlier-heavy matrix leaves per-channel.
@@ -199,7 +198,7 @@ def test_activation_aware_recipes_request_calibration(name: str, bits: int) -> N
 
     recipe = load_recipe(name)
     (p,) = recipe.build_passes()
-    assert p.config.bits == bits and p.config.activation_aware and p.requires_calibration
+    assert p.config.bits == bits and p.config.activation_aware and p.needs().calibration
     assert recipe.calibration.num_samples > 0 and recipe.calibration.data_file is None  # offline text by default
 
 
@@ -231,7 +230,7 @@ def test_activation_aware_fit_lowers_the_real_output_error() -> None:
         fresh = _tiny_model(seed=3).model.layers[0]
         for n, w in weights.items():
             fresh.get_submodule(n.removeprefix("model.layers.0.")).weight.data.copy_(w)
-        FineQuantPass(cfg).process_layer(fresh, "model.layers.0", stats if aware else None)
+        apply_to_layer(FineQuantPass(cfg), fresh, "model.layers.0", stats if aware else None)
         errs = {}
         for n, w in weights.items():
             q = fresh.get_submodule(n.removeprefix("model.layers.0.")).dequantized_weight(torch.float64)

@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import pytest
-import torch
+from tiny_models import random_llama
 
 LAYERS = 24
 WIDE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=LAYERS, num_attention_heads=8,
@@ -38,11 +38,8 @@ def _peak_rss_mb(code: str) -> float:
 
 @pytest.mark.slow
 def test_compression_peak_memory_is_about_one_layer(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     src = tmp_path / "wide"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, **WIDE))
+    model = random_llama(0, vocab_size=1024, **WIDE)
     model.save_pretrained(src)
     layer_mb = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters()) / 2**20
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20

@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import random_llama
+from transformers import AutoTokenizer
 
 from llmcomp.loading import resolve_source
 from llmcomp.serve.app import ServerConfig, create_app
@@ -24,11 +25,9 @@ CONTEXT = 512
 SLOW_STEP_S = 0.02  # per forward: makes long generations last long enough to interrupt them
 
 
-def _tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=CONTEXT)
-    return LlamaForCausalLM(cfg).eval()
+def _tiny_model(vocab: int, seed: int = 0):
+    return random_llama(seed, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import random_llama
+from transformers import AutoTokenizer
 
 from llmcomp.loading import resolve_source
 from llmcomp.serve import kv_batch
@@ -26,10 +27,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(0, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512)
 
 
 def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from spec_kinds import DUMMY_KIND
 
 from llmcomp.serve.vllm_spec import LinearQuantSpec, check_checkpoint, layer_spec, parse_modules, shard_names
 
@@ -50,11 +51,14 @@ def test_partially_quantized_fused_layer_is_refused():
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        ({"quant_method": "gptq", "format_version": 1, "modules": {}}, "expected 'llmcomp'"),
+        ({"quant_method": "gptq", "format_version": 1, "modules": {}}, "quant_method is not 'llmcomp'"),
         ({"quant_method": "llmcomp", "format_version": 9, "modules": {}}, "format_version 9"),
-        ({"quant_method": "llmcomp", "format_version": 1, "modules": []}, "must map module names"),
-        (config({"m": {"type": "sparse_bitmask"}}), "runs only .*sparse_bitmask.*--engine native"),
-        (config({"m": spec(bits=5)}), "bits=5"),
+        ({"quant_method": "llmcomp", "format_version": 1, "modules": []}, "modules is missing or not a mapping"),
+        (config({"m": {"type": "sparse_bitmask"}}), "module 'm' has unknown kind 'sparse_bitmask'"),
+        ({"quant_method": "llmcomp", "format_version": 2,
+          "modules": {"m": {"kind": DUMMY_KIND, "in_features": 8, "out_features": 8}}},
+         f"runs only .*{DUMMY_KIND} in 1 modules.*--engine native"),
+        (config({"m": spec(bits=5)}), r"module 'm' \(int_affine\): bits: Input should be 2, 3, 4 or 8 \(got 5\)"),
     ],
 )
 def test_bad_configs_are_refused_before_loading(cfg, message):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
-from llmcomp.cli.common import console, user_errors
+from llmcomp.cli.common import console, err_console, user_errors
 from llmcomp.errors import LlmcompError
 
 SIZE_UNITS = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
@@ -61,9 +64,15 @@ def compress(
     ),
     shard_size: str = typer.Option("1GB", help="max size of one safetensors shard (one is buffered in memory)"),
     trust_remote_code: bool = typer.Option(False, help="allow custom modelling code from the model repo"),
+    resume: bool = typer.Option(
+        False, help="continue an interrupted run from OUTPUT.partial (same model, recipe and dtype); the result is "
+                    "bit-identical to an uninterrupted run"),
 ) -> None:
     """Compress MODEL with a recipe and write an llmcomp checkpoint loadable by from_pretrained, vLLM and
-    `llmcomp serve`. See `llmcomp recipes` for the built-in recipes."""
+    `llmcomp serve`. See `llmcomp recipes` for the built-in recipes.
+
+    Progress is kept per layer in OUTPUT.partial: after a crash, kill or Ctrl-C, run the same command with
+    --resume to continue where it stopped."""
     from llmcomp.pipeline import compress as run_compress
     from llmcomp.recipes import load_recipe
 
@@ -73,9 +82,33 @@ def compress(
         if not calibration_file.is_file():
             raise LlmcompError(f"calibration file {calibration_file} does not exist")
         text = calibration_file.read_text(encoding="utf-8", errors="replace")
-    result = run_compress(model, parsed, output, overwrite=overwrite, dtype=dtype, shard_bytes=parse_size(shard_size),
-                          trust_remote_code=trust_remote_code, calibration_text=text)
+    hint = resume_command()
+    try:
+        result = run_compress(model, parsed, output, overwrite=overwrite, dtype=dtype,
+                              shard_bytes=parse_size(shard_size), trust_remote_code=trust_remote_code,
+                              calibration_text=text, resume=resume, resume_hint=hint)
+    except KeyboardInterrupt:
+        err_console.print(f"[bold red]interrupted[/]: {interrupted_progress(output)}; resume with: {hint}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
     console.print(summary_table(result.report, result.output_dir))
+
+
+def resume_command() -> str:
+    """This command line with ``--resume`` (what to run after an interruption)."""
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return "llmcomp " + shlex.join(args + ["--resume"])
+
+
+def interrupted_progress(output: Path) -> str:
+    from llmcomp.formats.partial import MANIFEST, partial_dir
+
+    manifest = partial_dir(output) / MANIFEST
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no layer was finished"
+    return f"{data.get('layers_done', 0)}/{data.get('num_layers', '?')} layers are saved in {partial_dir(output)}"
 
 
 @user_errors

@@ -25,6 +25,13 @@ def _natural_key(name: str) -> list[Any]:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
+def _passes(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pass applied to a module, in order (format v1 reports name only the last one)."""
+    if "passes" in report:
+        return report["passes"]
+    return [{k: v for k, v in report.items() if k not in ("shape", "numel")}] if report.get("pass") else []
+
+
 def describe(path: Path, verify: bool = True) -> dict[str, Any]:
     """Validated summary of an llmcomp checkpoint (what `inspect --json` prints)."""
     from llmcomp.formats.checkpoint import validate_checkpoint
@@ -35,10 +42,10 @@ def describe(path: Path, verify: bool = True) -> dict[str, Any]:
     modules = {}
     # Modules with a spec were replaced (e.g. quantized); report-only ones were changed in place (pruned).
     for name in sorted(set(info.modules) | set(per_module), key=_natural_key):
-        spec = info.modules.get(name, {"type": "dense"})
+        spec = info.modules[name].model_dump() if name in info.modules else {"kind": "dense"}
         merged = {**per_module.get(name, {}), **spec}
-        modules[name] = {k: merged.get(k) for k in ("type", "pass", *MODULE_COLUMNS)}
-    sizes = {f: meta["bytes"] for f, meta in info.quant_config["files"].items()}
+        modules[name] = {k: merged.get(k) for k in ("kind", "pass", *MODULE_COLUMNS)}
+        modules[name]["passes"] = _passes(per_module.get(name, {}))
     group_counts: dict[str, int] = {}
     for m in modules.values():
         if m.get("group_size") is not None:
@@ -46,14 +53,15 @@ def describe(path: Path, verify: bool = True) -> dict[str, Any]:
             group_counts[key] = group_counts.get(key, 0) + 1
     return {
         "path": str(path),
-        "format_version": info.quant_config["format_version"],
-        "recipe": info.quant_config.get("recipe"),
+        "format_version": info.stored_version,
+        "recipe": info.quant.recipe,
         "architecture": (info.config.get("architectures") or ["?"])[0],
-        "tensor_bytes": sum(sizes.values()),
-        "files": sizes,
+        "tensor_bytes": sum(info.files.values()),
+        "files": info.files,
         "average_bits_per_weight": report.get("average_bits_per_weight"),
         "compression_ratio": report.get("compression_ratio"),
         "group_size_counts": group_counts,
+        "plan": report.get("passes") or None,
         "modules": modules,
     }
 
@@ -72,9 +80,10 @@ def inspect(
         console.print_json(json.dumps(summary))
         return
     if modules:
-        table = Table("module", "type", *MODULE_COLUMNS, title=str(path))
+        table = Table("module", "kind", "passes", *MODULE_COLUMNS, title=str(path))
         for name, m in summary["modules"].items():
-            table.add_row(name, _fmt(m.get("type")), *(_fmt(m.get(c)) for c in MODULE_COLUMNS))
+            passes = " > ".join(p.get("pass", "?") for p in m["passes"]) or "-"
+            table.add_row(name, _fmt(m.get("kind")), passes, *(_fmt(m.get(c)) for c in MODULE_COLUMNS))
         console.print(table)
     bpw = summary["average_bits_per_weight"]
     ratio = summary["compression_ratio"]

@@ -1,4 +1,4 @@
-"""Export llmcomp ``quant_linear`` checkpoints to compressed-tensors ``pack-quantized`` (stock vLLM).
+"""Export llmcomp ``int_affine`` checkpoints to compressed-tensors ``pack-quantized`` (stock vLLM).
 
 What the format can express, and so what is exported: weight-only int4 / int8, one scale per
 output channel (``strategy: channel``) or per group of columns that divides K
@@ -21,18 +21,17 @@ the library in tests/test_export_ct.py:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from llmcomp import intquant
 from llmcomp.errors import LlmcompError
-from llmcomp.formats.checkpoint import INDEX_FILE, SIDE_FILES, load_tensors, validate_checkpoint
+from llmcomp.formats.atomic import AtomicDirectory
+from llmcomp.formats.checkpoint import copy_side_files, merge_shards, validate_checkpoint
+from llmcomp.scheme import IntAffineSpec, ModuleSpec
 
 FORMAT = "pack-quantized"
 EXPORTABLE_BITS = (4, 8)
@@ -73,28 +72,28 @@ class ExportSummary:
     bytes: int = 0
 
 
-def scheme_for(name: str, spec: dict[str, Any]) -> Scheme:
+def scheme_for(name: str, spec: ModuleSpec) -> Scheme:
     """The compressed-tensors scheme of one module spec, or a one-line refusal."""
-    if spec.get("type") != "quant_linear":
+    if not isinstance(spec, IntAffineSpec):
         raise LlmcompError(
-            f"cannot export {name!r} to compressed-tensors: module type {spec.get('type')!r} has no "
-            "pack-quantized equivalent (only quant_linear int4/int8 weights do)"
+            f"cannot export {name!r} to compressed-tensors: module kind {spec.kind!r} has no "
+            "pack-quantized equivalent (only int_affine int4/int8 weights do)"
         )
-    bits, k, group = int(spec["bits"]), int(spec["in_features"]), int(spec["group_size"])
+    bits, k, group = spec.bits, spec.in_features, spec.group_size
     if bits not in EXPORTABLE_BITS:
         raise LlmcompError(
             f"cannot export {name!r} to compressed-tensors: {bits}-bit weights (vLLM's pack-quantized "
             f"kernels take {' or '.join(map(str, EXPORTABLE_BITS))} bits)"
         )
     if group >= k:
-        return Scheme(bits, "channel", None, bool(spec["symmetric"]))
+        return Scheme(bits, "channel", None, spec.symmetric)
     if k % group:
         raise LlmcompError(
             f"cannot export {name!r} to compressed-tensors: group size {group} does not divide "
             f"in_features {k} (the format has no short last group); re-compress with group sizes that divide "
             f"{k} (finequant: require_divisible: true)"
         )
-    return Scheme(bits, "group", group, bool(spec["symmetric"]))
+    return Scheme(bits, "group", group, spec.symmetric)
 
 
 def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -104,8 +103,8 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     return intquant.pack_words(q, bits)
 
 
-def _convert_module(prefix: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    bits, k = int(spec["bits"]), int(spec["in_features"])
+def _convert_module(prefix: str, spec: IntAffineSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    bits, k = spec.bits, spec.in_features
     out: dict[str, torch.Tensor] = {}
     packed = tensors[f"{prefix}.weight_packed"]
     if bits == 8:
@@ -178,36 +177,20 @@ def export_compressed_tensors(source: str | Path, output: str | Path, overwrite:
     config = {k: v for k, v in info.config.items() if k != "quantization_config"}
     config["quantization_config"] = qconfig
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        files = sorted({t.file for t in info.tensors.values()})
-        weight_map: dict[str, str] = {}
-        total = 0
-        for i, fname in enumerate(files):
-            tensors = load_tensors(info, [n for n, t in info.tensors.items() if t.file == fname])
-            converted: dict[str, torch.Tensor] = {}
-            for mod_name in [m for m in modules if f"{m}.weight_packed" in tensors]:
-                converted.update(_convert_module(mod_name, modules[mod_name], tensors))
-            for name, tensor in tensors.items():
-                owner = name.rsplit(".", 1)[0]
-                if owner not in modules:
-                    converted[name] = tensor.contiguous()
-            final = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            save_file(converted, str(tmp / final), metadata={"format": "pt"})
-            total += (tmp / final).stat().st_size
-            weight_map.update({n: final for n in converted})
-        if len(files) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        for fname in SIDE_FILES:
-            if (info.path / fname).is_file():
-                shutil.copy2(info.path / fname, tmp / fname)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        converted: dict[str, torch.Tensor] = {}
+        for mod_name in [m for m in modules if f"{m}.weight_packed" in tensors]:
+            converted.update(_convert_module(mod_name, modules[mod_name], tensors))  # type: ignore[arg-type]
+        for name, tensor in tensors.items():
+            if name.rsplit(".", 1)[0] not in modules:
+                converted[name] = tensor.contiguous()
+        return converted
+
+    with AtomicDirectory(out, overwrite) as stage:
+        sources = [info.path / f for f in sorted({t.file for t in info.tensors.values()})]
+        weight_map = merge_shards(stage.path, sources, convert=convert)
+        copy_side_files(info.path, stage.path)
+        (stage.path / "config.json").write_text(json.dumps(config, indent=2))
+        total = sum((stage.path / f).stat().st_size for f in set(weight_map.values()))
+        stage.commit()
     return ExportSummary(out, names, total)

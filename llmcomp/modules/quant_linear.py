@@ -15,11 +15,14 @@ from torch import nn
 from llmcomp import intquant
 from llmcomp.kernels.dispatch import QuantLayout, QuantTensors, select_kernel
 from llmcomp.modules.registry import register_module
+from llmcomp.scheme import IntAffineSpec
 
 
-@register_module("quant_linear")
+@register_module("int_affine")
 class QuantLinear(nn.Module):
     """Weight-only quantized linear layer (int2/3/4/8, group-wise scales, optional zero points)."""
+
+    kind = "int_affine"
 
     def __init__(
         self,
@@ -72,28 +75,14 @@ class QuantLinear(nn.Module):
         return mod
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype) -> QuantLinear:
-        return cls(
-            spec["in_features"],
-            spec["out_features"],
-            spec["bits"],
-            spec["group_size"],
-            symmetric=spec["symmetric"],
-            bias=spec["bias"],
-            dtype=dtype,
-        )
+    def from_spec(cls, spec: IntAffineSpec, dtype: torch.dtype) -> QuantLinear:
+        return cls(spec.in_features, spec.out_features, spec.bits, spec.group_size, symmetric=spec.symmetric,
+                   bias=spec.bias, dtype=dtype)
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> IntAffineSpec:
         """The per-module entry of ``quantization_config.modules`` in config.json."""
-        return {
-            "type": "quant_linear",
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "bias": self.bias is not None,
-        }
+        return IntAffineSpec(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                             bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
     # -- execution ----------------------------------------------------------------------------
     @property

@@ -1,8 +1,9 @@
-"""Registry of compressed module types, keyed by the ``type`` field of a module spec.
+"""Registry of compressed module classes, keyed by the ``kind`` of their scheme spec.
 
-Every compressed module class implements ``spec() -> dict`` (stored in config.json) and
-``from_spec(spec, dtype)`` (an empty module with the right buffer shapes, filled by
-``load_state_dict``). Loaders never look at class names, only at this registry.
+Every compressed module class has a ``kind`` (its :mod:`llmcomp.scheme` spec kind), implements
+``spec() -> ModuleSpec`` (stored in config.json) and ``from_spec(spec, dtype)`` (an empty module
+with the right buffer shapes, filled by ``load_state_dict``). Loaders never look at class names,
+only at this registry.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import torch
 from torch import nn
 
 from llmcomp.errors import CheckpointError
+from llmcomp.scheme import ModuleSpec, parse_module_spec
 
 _MODULE_TYPES: dict[str, type[nn.Module]] = {}
+DENSE_KIND = "dense"  # an ordinary nn.Linear (possibly pruned in place)
 
 
-def register_module(type_name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+def register_module(kind: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
-        if type_name in _MODULE_TYPES:
-            raise ValueError(f"module type {type_name!r} is already registered by {_MODULE_TYPES[type_name]}")
-        _MODULE_TYPES[type_name] = cls
+        if kind in _MODULE_TYPES:
+            raise ValueError(f"module kind {kind!r} is already registered by {_MODULE_TYPES[kind]}")
+        cls.kind = kind  # type: ignore[attr-defined]
+        _MODULE_TYPES[kind] = cls
         return cls
 
     return decorator
@@ -33,16 +37,29 @@ def module_types() -> dict[str, type[nn.Module]]:
     return dict(_MODULE_TYPES)
 
 
-def build_module(name: str, spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def module_kind(module: nn.Module) -> str | None:
+    """What a module is for the passes: ``dense`` (a linear layer), a compressed kind, or None
+    (not a compressible module: norms, embeddings, containers)."""
+    kind = getattr(type(module), "kind", None)
+    if isinstance(kind, str) and kind in _MODULE_TYPES:
+        return kind
+    if isinstance(module, nn.Linear):
+        return DENSE_KIND
+    return None
+
+
+def build_module(name: str, spec: ModuleSpec | dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """An empty compressed module for ``spec``; raises a one-line error naming the module."""
+    if not isinstance(spec, ModuleSpec):
+        spec = parse_module_spec(name, spec)
     types = module_types()
-    type_name = spec.get("type")
-    if type_name not in types:
+    if spec.kind not in types:
         raise CheckpointError(
-            f"config.json: module {name!r} has unknown type {type_name!r}; known: {', '.join(sorted(types))}"
+            f"config.json: module {name!r} has kind {spec.kind!r}, which no module class implements "
+            f"(known: {', '.join(sorted(types))})"
         )
     try:
-        return types[type_name].from_spec(spec, dtype)
+        return types[spec.kind].from_spec(spec, dtype)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"config.json: module {name!r} has an invalid spec ({exc})") from exc
 

@@ -26,19 +26,20 @@ from pydantic import Field
 from torch import nn
 
 from llmcomp import intquant
-from llmcomp.calibration import InputStats
 from llmcomp.modules.quant_linear import QuantLinear
 from llmcomp.passes import finequant_fit as fit
 from llmcomp.passes.base import (
     CompressionPass,
+    LayerWork,
     ModuleReport,
+    Needs,
     PassConfig,
-    child_name,
     register_pass,
-    set_submodule,
+    scale_bits,
 )
+from llmcomp.scheme import FUSED_PROJECTIONS
 
-DEFAULT_FUSED_SETS = [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+DEFAULT_FUSED_SETS = [list(members) for members in FUSED_PROJECTIONS.values()]
 DEFAULT_MIN_GROUP = 32
 # Price of one extra bit per weight, in relative squared weight error. 0.015 picks group 64-128
 # for int4 on SmolLM2, per-channel for int8 and group 32-64 for int3 (see docs/FINEQUANT.md).
@@ -87,6 +88,13 @@ class FineQuantConfig(PassConfig):
         default_factory=lambda: [list(s) for s in DEFAULT_FUSED_SETS],
         description="child names that inference engines fuse when they share a parent module",
     )
+    respect_mask: bool = Field(
+        True,
+        description=(
+            "keep an earlier sparsity pass's mask: pruned weights are left out of the fit and decode to exactly 0 "
+            "(false: fit them as ordinary weights, for comparison)"
+        ),
+    )
 
 
 def fused_groups(names: Iterable[str], fused_sets: list[list[str]]) -> list[list[str]]:
@@ -103,24 +111,23 @@ def fused_groups(names: Iterable[str], fused_sets: list[list[str]]) -> list[list
     return list(groups.values())
 
 
-def _scale_bits(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits if dtype.is_floating_point else 32
-
-
 class _Search:
     """Ladder search for one matrix; caches every fitted grid so tying costs no refit."""
 
-    def __init__(self, weight: torch.Tensor, cfg: FineQuantConfig, column_weight: torch.Tensor | None):
-        self.w = weight.detach()
+    def __init__(self, weight: torch.Tensor, cfg: FineQuantConfig, column_weight: torch.Tensor | None,
+                 mask: torch.Tensor | None = None):
+        self.w = weight.detach() if mask is None else weight.detach() * mask.to(weight.dtype)
         self.cfg = cfg
         self.column_weight = column_weight
+        self.mask = mask
         self.fitted: dict[int, intquant.QuantizedWeight] = {}
         self.errors: dict[int, float] = {}
 
     def at(self, group: int, bits: int, symmetric: bool) -> intquant.QuantizedWeight:
         if group not in self.fitted:
             qw = fit.fit_quantize(
-                self.w, bits, group, symmetric, self.cfg.fit_iters, self.w.dtype, column_weight=self.column_weight
+                self.w, bits, group, symmetric, self.cfg.fit_iters, self.w.dtype, column_weight=self.column_weight,
+                mask=self.mask,
             )
             self.fitted[group] = qw
             self.errors[group] = fit.relative_error(self.w, intquant.dequantize_qw(qw), self.column_weight)
@@ -141,7 +148,7 @@ class _Search:
             return self.errors[group]
 
         return fit.walk_ladder(
-            self.ladder(), error_at, self.w.shape[1], not symmetric, _scale_bits(self.w.dtype),
+            self.ladder(), error_at, self.w.shape[1], not symmetric, scale_bits(self.w.dtype),
             self.cfg.threshold, self.cfg.target_error,
         )
 
@@ -154,62 +161,55 @@ class FineQuantPass(CompressionPass):
     Config = FineQuantConfig
     calibration_optional = True  # without statistics (the output head) the fit is unweighted
 
-    def __init__(self, config: FineQuantConfig) -> None:
-        super().__init__(config)
-        # Calibration-free unless asked: the pipeline reads this from the instance.
-        self.requires_calibration = bool(config.activation_aware)  # type: ignore[misc]
+    def needs(self) -> Needs:
+        """Calibration-free unless ``activation_aware`` (then input energies E[x_j^2])."""
+        return Needs(moments=True) if self.config.activation_aware else Needs()  # type: ignore[attr-defined]
 
-    def process_layer(
-        self, layer: nn.Module, prefix: str, stats: dict[str, InputStats] | None
-    ) -> dict[str, ModuleReport]:
-        targets = self.target_linears(layer, prefix)
+    def process_layer(self, work: LayerWork) -> None:
         base: FineQuantConfig = self.config  # type: ignore[assignment]
-        groups = fused_groups(targets, base.fused_sets) if base.tie_fused else [[n] for n in targets]
-        reports: dict[str, ModuleReport] = {}
+        groups = fused_groups(work.targets, base.fused_sets) if base.tie_fused else [[n] for n in work.targets]
         for members in groups:
-            reports.update(self._process_group(layer, prefix, targets, members, stats))
-        return reports
+            self._process_group(work, members)
 
-    def _process_group(
-        self,
-        layer: nn.Module,
-        prefix: str,
-        targets: dict[str, nn.Linear],
-        members: list[str],
-        stats: dict[str, InputStats] | None,
-    ) -> dict[str, ModuleReport]:
+    def _process_group(self, work: LayerWork, members: list[str]) -> None:
         cfgs: dict[str, FineQuantConfig] = {n: self.config_for(n) for n in members}  # type: ignore[misc]
         # Fused siblings must agree: take the most precise choice any of them asks for.
         bits = max(c.bits for c in cfgs.values())
         symmetric = all(c.symmetric for c in cfgs.values())
         searches, chosen = {}, {}
         for name in members:
-            sq = None if stats is None or name not in stats else stats[name].sum_sq.float()
-            searches[name] = _Search(targets[name].weight, cfgs[name], sq)
+            stats = None if work.stats is None else work.stats.get(name)
+            sq = None if stats is None else stats.sum_sq.float()
+            mask = work.states[name].mask if cfgs[name].respect_mask else None
+            searches[name] = _Search(work.targets[name].weight, cfgs[name], sq, mask)
             chosen[name] = searches[name].choose(bits, symmetric)
         tied = min(chosen.values())
-        reports = {}
         for name in members:
-            search, linear = searches[name], targets[name]
+            search, linear = searches[name], work.targets[name]
             k = linear.in_features
             # Tied groups smaller than K are ladder rungs (powers of two): fits may be cached.
             group = min(tied, k)
             qw = search.at(group, bits, symmetric)
-            module = QuantLinear.from_quantized(qw, linear.bias, dtype=linear.weight.dtype)
-            set_submodule(layer, child_name(name, prefix), module)
-            reports[name] = {
-                "pass": self.name,
-                "bits": bits,
-                "group_size": qw.group_size,
-                "symmetric": symmetric,
-                "own_group_size": min(chosen[name], k),
-                "tied_with": [m for m in members if m != name],
-                "ladder_rel_error": {str(g): round(e, 6) for g, e in search.errors.items()},
-                "rel_error": search.errors[group],
-                "bits_per_weight": intquant.storage_bits_per_weight(
-                    k, qw.group_size, bits, not symmetric, scale_bits=_scale_bits(linear.weight.dtype)
-                ),
-                "activation_weighted": search.column_weight is not None,
-                "numel": linear.weight.numel(),
-            }
-        return reports
+            work.replace(name, QuantLinear.from_quantized(qw, linear.bias, dtype=linear.weight.dtype))
+            work.states[name].passes.append(self._report(name, members, search, chosen[name], group, qw, bits,
+                                                         symmetric, linear))
+
+    def _report(self, name: str, members: list[str], search: _Search, own: int, group: int,
+                qw: intquant.QuantizedWeight, bits: int, symmetric: bool, linear: nn.Linear) -> ModuleReport:
+        k = linear.in_features
+        return {
+            "pass": self.name,
+            "bits": bits,
+            "group_size": qw.group_size,
+            "symmetric": symmetric,
+            "own_group_size": min(own, k),
+            "tied_with": [m for m in members if m != name],
+            "ladder_rel_error": {str(g): round(e, 6) for g, e in search.errors.items()},
+            "rel_error": search.errors[group],
+            "bits_per_weight": intquant.storage_bits_per_weight(
+                k, qw.group_size, bits, not symmetric, scale_bits=scale_bits(linear.weight.dtype)
+            ),
+            "activation_weighted": search.column_weight is not None,
+            "kept_mask": search.mask is not None,
+            "numel": linear.weight.numel(),
+        }

@@ -55,7 +55,9 @@ class _Groups:
 _MIN_RELATIVE_IMPORTANCE = 1e-3
 
 
-def _group(w: torch.Tensor, group_size: int, column_weight: torch.Tensor | None = None) -> _Groups:
+def _group(w: torch.Tensor, group_size: int, column_weight: torch.Tensor | None = None,
+           mask: torch.Tensor | None = None) -> _Groups:
+    """``mask`` (bool ``[N, K]``, True = kept) gives pruned weights no say in the fit."""
     n, k = w.shape
     g = intquant.effective_group_size(group_size, k)
     groups = math.ceil(k / g)
@@ -66,12 +68,15 @@ def _group(w: torch.Tensor, group_size: int, column_weight: torch.Tensor | None 
         c = column_weight.detach().double().reshape(-1)
         c = c / c.mean().clamp_min(_TINY)
         weight = c.clamp_min(_MIN_RELATIVE_IMPORTANCE).float().reshape(1, k)
+    if mask is not None:
+        weight = (torch.ones(1, k) if weight is None else weight) * mask.float()
+    rows = 1 if weight is None else weight.shape[0]
     if pad:
         wf = torch.cat([wf, wf.new_zeros(n, pad)], dim=1)
         weight = torch.ones(1, k) if weight is None else weight
-        weight = torch.cat([weight, torch.zeros(1, pad)], dim=1)
+        weight = torch.cat([weight, torch.zeros(rows, pad)], dim=1)
     if weight is not None:
-        weight = weight.reshape(1, groups, g)
+        weight = weight.reshape(rows, groups, g)
     return _Groups(wf.reshape(n, groups, g), weight, k, g)
 
 
@@ -152,6 +157,7 @@ def fit_quantize(
     iters: int = DEFAULT_FIT_ITERS,
     scale_dtype: torch.dtype = torch.float32,
     column_weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> intquant.QuantizedWeight:
     """Quantize ``w`` with per-group scales (and zero points) fitted by alternating least squares.
 
@@ -159,8 +165,11 @@ def fit_quantize(
     is never worse than RTN in the fitted error (weight MSE with the stored scale dtype, or with
     ``column_weight`` the activation-weighted error ``sum_j c_j (W - W')_ij^2``, which is the
     expected output error for uncorrelated inputs with ``c_j = E[x_j^2]``). ``iters=0`` is plain RTN.
+
+    ``mask`` (bool ``[N, K]``, True = kept; pruned weights must be 0 in ``w``) leaves pruned weights
+    out of the fit, and their codes are set to the zero point so they dequantize to exactly 0.
     """
-    gr = _group(w, group_size, column_weight)
+    gr = _group(w, group_size, column_weight, mask)
     s, z = _minmax_init(gr, bits, symmetric)
     s = _round_scale(s, scale_dtype)
     best_s, best_z, best_err = s, z, None
@@ -182,7 +191,8 @@ def fit_quantize(
         else:
             s, z = _refit_asymmetric(gr, q, s, z, bits)
             s = _round_scale(s, scale_dtype)
-    return intquant.quantize_with(w, best_s, best_z, bits, gr.group_size)
+    qw = intquant.quantize_with(w, best_s, best_z, bits, gr.group_size)
+    return qw if mask is None else intquant.apply_mask(qw, mask)
 
 
 def relative_error(w: torch.Tensor, approx: torch.Tensor, column_weight: torch.Tensor | None = None) -> float:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
 from llmcomp import intquant
 from llmcomp.calibration import InputStats
 from llmcomp.modules.quant_linear import QuantLinear
-from llmcomp.passes.base import CompressionPass, ModuleReport, PassConfig, register_pass, weight_error
+from llmcomp.passes.base import (
+    CompressionPass,
+    ModuleReport,
+    ModuleState,
+    PassConfig,
+    register_pass,
+    scale_bits,
+    weight_error,
+)
 
 
 class RTNConfig(PassConfig):
@@ -27,12 +34,12 @@ class RTNPass(CompressionPass):
     name = "rtn"
     Config = RTNConfig
 
-    def compress_linear(
-        self, name: str, linear: nn.Linear, stats: InputStats | None
+    def compress_module(
+        self, name: str, linear: nn.Linear, state: ModuleState, stats: InputStats | None
     ) -> tuple[nn.Module, ModuleReport]:
         cfg: RTNConfig = self.config_for(name)  # type: ignore[assignment]
         w = linear.weight.detach()
-        qw = intquant.quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype)
+        qw = intquant.quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype=w.dtype, mask=state.mask)
         module = QuantLinear.from_quantized(qw, linear.bias, dtype=w.dtype)
         report = {
             "bits": cfg.bits,
@@ -40,8 +47,9 @@ class RTNPass(CompressionPass):
             "symmetric": cfg.symmetric,
             "bits_per_weight": intquant.storage_bits_per_weight(
                 w.shape[1], qw.group_size, cfg.bits, not cfg.symmetric,
-                scale_bits=torch.finfo(w.dtype).bits,
+                scale_bits=scale_bits(w.dtype),
             ),
             "rel_error": weight_error(w, intquant.dequantize_qw(qw)),
+            "numel": w.numel(),
         }
         return module, report

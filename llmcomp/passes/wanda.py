@@ -2,7 +2,8 @@
 
 Unstructured (a fixed fraction per output row) or N:M (N zeros in every M consecutive inputs).
 No weight update; needs only the per-channel input norms from calibration data. The pruned
-matrix stays a dense ``nn.Linear`` with zeros (the report records the achieved sparsity).
+matrix stays a dense ``nn.Linear`` with zeros, and the keep-mask goes into the module's state, so a
+later quantization pass keeps the pruned weights at exactly 0 (the report records the sparsity).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from llmcomp.calibration import InputStats
-from llmcomp.passes.base import CompressionPass, ModuleReport, PassConfig, register_pass, weight_error
+from llmcomp.passes.base import (
+    CompressionPass,
+    ModuleReport,
+    ModuleState,
+    Needs,
+    PassConfig,
+    register_pass,
+    weight_error,
+)
 
 NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -60,16 +69,21 @@ def wanda_mask(scores: torch.Tensor, sparsity: float, pattern: str) -> torch.Ten
 class WandaPass(CompressionPass):
     name = "wanda"
     Config = WandaConfig
-    requires_calibration = True
+    base_needs = Needs(moments=True)
 
-    def compress_linear(self, name: str, linear: nn.Linear, stats: InputStats | None) -> tuple[None, ModuleReport]:
+    def compress_module(
+        self, name: str, linear: nn.Linear, state: ModuleState, stats: InputStats | None
+    ) -> tuple[None, ModuleReport]:
         if stats is None:
             raise RuntimeError("wanda needs calibration statistics")
         cfg: WandaConfig = self.config_for(name)  # type: ignore[assignment]
         w = linear.weight.data
         original = w.clone()
         keep = wanda_mask(wanda_scores(w, stats.sq_norm), cfg.sparsity, cfg.pattern)
+        if state.mask is not None:  # pruned twice: what an earlier pass removed stays removed
+            keep &= state.mask
         w.mul_(keep.to(w.dtype))
+        state.mask = keep
         return None, {
             "sparsity": float(1.0 - keep.float().mean()),
             "pattern": cfg.pattern,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from llmcomp.errors import RecipeError
 from llmcomp.passes.base import CompressionPass, PassConfig, pass_registry
@@ -42,9 +42,13 @@ class Recipe(BaseModel):
     description: str = ""
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     passes: list[PassEntry] = Field(min_length=1)
+    _built: list[CompressionPass] | None = PrivateAttr(default=None)
 
     def build_passes(self) -> list[CompressionPass]:
-        return [_build_pass(i, entry) for i, entry in enumerate(self.passes)]
+        """The configured pass objects, built (and validated) once per recipe."""
+        if self._built is None:
+            self._built = [_build_pass(i, entry) for i, entry in enumerate(self.passes)]
+        return self._built
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
