@@ -108,7 +108,8 @@ def upgrade_v1(spec: dict[str, Any]) -> dict[str, Any]:
     stores the effective group length.
     """
     out = {k: v for k, v in spec.items() if k != "type"}
-    out["kind"] = _V1_TYPES.get(spec.get("type"), spec.get("type"))  # type: ignore[arg-type]
+    v1_type = spec.get("type")
+    out["kind"] = _V1_TYPES.get(v1_type, v1_type) if isinstance(v1_type, str) else v1_type
     group, k = out.get("group_size"), out.get("in_features")
     if type(group) is int and type(k) is int and (group == -1 or group > k):
         out["group_size"] = k
@@ -122,7 +123,7 @@ def parse_module_spec(name: str, data: Any, version: int = FORMAT_VERSION) -> Mo
     if version == 1:
         data = upgrade_v1(data)
     kind = data.get("kind")
-    if kind not in _SPECS:
+    if not isinstance(kind, str) or kind not in _SPECS:
         raise CheckpointError(
             f"config.json: module {name!r} has unknown kind {kind!r}; this llmcomp knows: {', '.join(spec_kinds())}"
         )

@@ -17,6 +17,14 @@ storage (torch's CPU allocator aligns to 64 bytes), int8 weights are zero-padded
 16 columns, and activations that are not 64-byte aligned are copied before the call.
 * ``cpu_dense``: dequantize once, cache the dense weight in the activation dtype, ``F.linear``.
   Correct for everything (int2/3, group-wise int8, odd K, any N).
+
+Activation sparsity (kind ``activation_sparse``):
+
+* ``cpu_sparse_gather``: a transposed ``[K, N]`` dense copy of the weight (dequantized once for an
+  int_affine base), of which only the selected rows are read: ``y = x[:, idx] @ Wt[idx]``. Up to
+  ``SPARSE_BAG_MAX_M`` rows this is one ``F.embedding_bag`` (weighted sums of slices of the
+  selected rows, no copy of them), so at batch 1 and density d it reads about d of the weight bytes; larger batches
+  gather the selected rows once and run one GEMM.
 """
 
 from __future__ import annotations
@@ -27,7 +35,17 @@ import torch
 import torch.nn.functional as F
 
 from llmcomp import intquant
-from llmcomp.kernels.dispatch import QuantLayout, QuantTensors, register_kernel
+from llmcomp.kernels.dispatch import (
+    ActivationSparseLayout,
+    ActivationSparseTensors,
+    QuantLayout,
+    QuantTensors,
+    column_norms,
+    quant_weight,
+    register_kernel,
+    select_columns,
+    sparse_base_weight,
+)
 
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Activation dtypes for which torch's weight-only CPU ops take their vectorised path. On AVX2 hosts
@@ -43,6 +61,11 @@ NATIVE_ALIGN_BYTES = 64  # what torch's CPU allocator guarantees; native ops get
 # the fly to float32 for one dense GEMM (PLATFORM-NOTES: on AVX-512 hosts int8pack is 2-3x faster
 # than bf16 at M=1 but slower at M=64; float32 GEMM is the fast dense path on AVX2 hosts).
 INT8PACK_MAX_M = 32
+# Rows up to which the sparse gather runs as embedding_bag (reads only the selected rows, once per row);
+# above it the selected rows are copied out once and one GEMM runs on them.
+SPARSE_BAG_MAX_M = 4
+SPARSE_BAG_SPLITS = (8, 4, 2, 1)  # N is cut into the largest of these that divides it (parallel bags)
+INT_KINDS = frozenset({"int_affine"})
 
 
 def _cpu_and_dtype(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -90,11 +113,6 @@ def aligned_input(x: torch.Tensor) -> torch.Tensor:
     return fresh_copy(x)
 
 
-def _dense_weight(layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
-    q = intquant.unpack(tensors.packed, layout.bits, layout.in_features)
-    return intquant.dequantize(q, tensors.scale, tensors.zero, layout.group_size, dtype=dtype).contiguous()
-
-
 def int4pack_group(layout: QuantLayout) -> int | None:
     """The kernel group size our groups can be replicated onto, or None.
 
@@ -112,6 +130,7 @@ class DenseCpuKernel:
     """Dequantize once, keep the dense weight in the activation dtype: always correct."""
 
     name = "cpu_dense"
+    kinds = INT_KINDS
 
     def supports_layout(self, layout: QuantLayout) -> tuple[bool, str]:
         return True, ""
@@ -120,7 +139,7 @@ class DenseCpuKernel:
         return _cpu_and_dtype(device, dtype)
 
     def prepare(self, layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
-        return _dense_weight(layout, tensors, dtype)
+        return quant_weight(layout, tensors, dtype)
 
     def apply(self, x: torch.Tensor, layout: QuantLayout, state: torch.Tensor, bias: torch.Tensor | None):
         return F.linear(x, state, None if bias is None else bias.to(x.dtype))
@@ -140,6 +159,7 @@ class Int8PackCpuKernel:
     """``torch._weight_int8pack_mm`` for per-channel int8; dequantize-and-GEMM for large M."""
 
     name = "cpu_int8pack"
+    kinds = INT_KINDS
 
     def can_implement(self, layout: QuantLayout, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         ok, reason = _fast_dtype(device, dtype)
@@ -190,6 +210,7 @@ class Int4PackCpuKernel:
     """``torch._weight_int4pack_mm_for_cpu`` for 4-bit weights (symmetric or asymmetric)."""
 
     name = "cpu_int4pack"
+    kinds = INT_KINDS
 
     def can_implement(self, layout: QuantLayout, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         ok, reason = _fast_dtype(device, dtype)
@@ -231,8 +252,55 @@ class Int4PackCpuKernel:
         return out.reshape(*lead, layout.out_features)
 
 
+# -- activation sparsity ----------------------------------------------------------------------------
+@dataclass
+class _SparseState:
+    weight_t: torch.Tensor  # [K, N] dense copy in the activation dtype (row k = column k of W)
+    col_norms: torch.Tensor | None  # float32 [K] for wina, None for teal
+
+
+class SparseGatherCpuKernel:
+    """activation_sparse on CPU: read only the selected rows of a transposed dense copy of W.
+
+    Same selection as the reference (:class:`~llmcomp.kernels.dispatch.ActivationSparseLayout`):
+    one ``select_columns`` per call, shared by its rows.
+    """
+
+    name = "cpu_sparse_gather"
+    kinds = frozenset({"activation_sparse"})
+
+    def can_implement(self, layout: ActivationSparseLayout, device: torch.device, dtype: torch.dtype):
+        return _cpu_and_dtype(device, dtype)
+
+    def prepare(self, layout: ActivationSparseLayout, tensors: ActivationSparseTensors, dtype: torch.dtype):
+        weight_t = fresh_copy(sparse_base_weight(layout, tensors, dtype).t())
+        return _SparseState(weight_t, column_norms(layout, tensors))
+
+    def apply(self, x: torch.Tensor, layout: ActivationSparseLayout, state: _SparseState, bias: torch.Tensor | None):
+        x2, lead = _flatten(x)
+        m, keep = x2.shape[0], layout.keep
+        idx = select_columns(x2, keep, state.col_norms).to(torch.int64)
+        xs = x2.index_select(1, idx)  # [M, keep]
+        if 0 < m <= SPARSE_BAG_MAX_M:
+            # View Wt [K, N] as [K * P, N / P]: bag (row, p) sums the p-th slices of the selected rows,
+            # so the M * P bags run in parallel (embedding_bag parallelises over bags only).
+            n = layout.out_features
+            parts = next(p for p in SPARSE_BAG_SPLITS if n % p == 0)
+            rows = (idx * parts).unsqueeze(0) + torch.arange(parts).unsqueeze(1)  # [P, keep]
+            weights = xs.unsqueeze(1).expand(m, parts, keep).reshape(m * parts, keep)
+            out = F.embedding_bag(rows.repeat(m, 1), state.weight_t.view(-1, n // parts), mode="sum",
+                                  per_sample_weights=weights).reshape(m, n)
+        else:
+            out = xs @ state.weight_t.index_select(0, idx)
+        if bias is not None:
+            out = out + bias.to(x.dtype)
+        return out.reshape(*lead, layout.out_features)
+
+
 def register() -> None:
-    """Called by the dispatcher: CPU priority int4pack, int8pack, then the dense fallback."""
+    """Called by the dispatcher: CPU priority int4pack, int8pack, then the dense fallback (int_affine);
+    the sparse gather (activation_sparse)."""
+    register_kernel(SparseGatherCpuKernel(), devices=("cpu",), first=True)
     register_kernel(DenseCpuKernel(), devices=("cpu",), first=True)
     register_kernel(Int8PackCpuKernel(), devices=("cpu",), first=True)
     register_kernel(Int4PackCpuKernel(), devices=("cpu",), first=True)

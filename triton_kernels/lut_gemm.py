@@ -9,15 +9,21 @@ Storage of the codes (before :func:`prepare_lut`): 8 bits as uint8 ``[N, K]``; f
 int32 ``[N, ceil(K / (32 // bits))]`` packed along K, lowest bits first, codes stored as is
 (the integer layout of :mod:`llmcomp.intquant` without its signed offset). The GEMM itself is the
 kernel of :mod:`llmcomp.kernels.triton_gemm` with its LUT switch on.
+
+Through dispatch: :class:`~llmcomp.kernels.dispatch.CodebookLayout` (kind ``"codebook"``) runs on
+:class:`TritonLutKernel` (``"triton_lut"``, CUDA priority list).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from llmcomp import intquant
 from llmcomp.kernels import triton_configs as tc
-from llmcomp.kernels.triton_gemm import PackedWeights, quant_matmul
+from llmcomp.kernels.dispatch import CodebookLayout, CodebookTensors, check_codebook, register_kernel
+from llmcomp.kernels.triton_gemm import PackedWeights, move_state, quant_matmul, runs_here
 
 LUT_BITS = (2, 3, 4, 8)
 
@@ -82,3 +88,27 @@ def lut_matmul(
     if w.lut is None:
         raise ValueError("weights were not prepared with prepare_lut")
     return quant_matmul(x, w, bias, config)
+
+
+class TritonLutKernel:
+    """Dispatch entry for the codebook GEMM (same device rules as the integer ``"triton"`` kernel)."""
+
+    name = "triton_lut"
+    kinds = frozenset({"codebook"})
+
+    def can_implement(self, layout: CodebookLayout, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        return runs_here(device, dtype, layout.bits, LUT_BITS)
+
+    def prepare(self, layout: CodebookLayout, tensors: CodebookTensors, dtype: torch.dtype) -> PackedWeights:
+        check_codebook(layout, tensors)
+        return prepare_lut(tensors.codes, tensors.lut, tensors.scale, layout.bits, layout.in_features,
+                           layout.group_size)
+
+    def apply(self, x: torch.Tensor, layout: CodebookLayout, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        move_state(state, x.device)
+        return lut_matmul(x, state, bias)
+
+
+def register() -> None:
+    """Called by :func:`llmcomp.kernels.dispatch._load_builtin_kernels` (CUDA priority list)."""
+    register_kernel(TritonLutKernel(), devices=("cuda",))

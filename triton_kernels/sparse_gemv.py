@@ -5,22 +5,44 @@ At decode time most of ``x``'s entries can be dropped (TEAL: small ``|x_k|``; WI
 W, so the weights are stored transposed (row k of ``[K, N]`` = column k of W) and a selected
 column is one contiguous read; int4 and other packed widths are packed along N here for the same
 reason. The selection ``idx`` is shared by all M rows (use the union for M > 1).
+
+Through dispatch: :class:`~llmcomp.kernels.dispatch.ActivationSparseLayout` (kind
+``"activation_sparse"``) runs on :class:`TritonSparseGemvKernel` (``"triton_sparse_gemv"``, CUDA
+priority list). It is meant for decode (small M): one selection per call, shared by its rows
+(:func:`select_columns` scores a column by its max over the rows), exactly as the reference
+kernel of that kind defines it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
 
 from llmcomp import intquant
 from llmcomp.kernels import triton_configs as tc
-from llmcomp.kernels.dispatch import QuantLayout, QuantTensors
-from llmcomp.kernels.triton_gemm import ACT_DTYPES, dot_types, interpreting, jit_kernels
-
-DENSE_BITS = 16  # marks unquantized weights (any float dtype)
+from llmcomp.kernels.dispatch import (
+    DENSE_BITS,
+    ActivationSparseLayout,
+    ActivationSparseTensors,
+    QuantLayout,
+    QuantTensors,
+    column_norms,
+    register_kernel,
+    select_columns,
+)
+from llmcomp.kernels.triton_gemm import (
+    ACT_DTYPES,
+    INT_BITS,
+    dot_types,
+    interpreting,
+    jit_kernels,
+    move_state,
+    runs_here,
+)
 
 
 @dataclass
@@ -64,18 +86,6 @@ def prepare_sparse_quant(layout: QuantLayout, tensors: QuantTensors) -> SparseWe
     group = intquant.effective_group_size(layout.group_size, k)
     scale = tensors.scale.float().t().contiguous()
     return SparseWeights(weight.to(device), scale, zero, n, k, bits, group)
-
-
-def select_columns(x: torch.Tensor, keep: int, col_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices (int32, ascending) of the ``keep`` input columns with the largest score.
-
-    Score = ``max over rows |x|`` (TEAL), times ``col_norms[k] = ||W[:, k]||`` when given (WINA).
-    """
-    score = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
-    if col_norms is not None:
-        score = score * col_norms.to(score.device).float()
-    keep = max(0, min(keep, score.numel()))
-    return torch.topk(score, keep).indices.sort().values.to(torch.int32)
 
 
 def _as_indices(columns: torch.Tensor, k: int) -> torch.Tensor:
@@ -137,3 +147,50 @@ def sparse_matmul(
     )
     y = out.sum(dim=0).to(x.dtype) if split > 1 else out[0]
     return y.reshape(*lead, n)
+
+
+@dataclass
+class SparseState:
+    """What :class:`TritonSparseGemvKernel` prepares: the weights and, for wina, the column norms."""
+
+    weights: SparseWeights
+    col_norms: torch.Tensor | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.weight.device
+
+    def to(self, device: torch.device | str) -> SparseState:
+        norms = None if self.col_norms is None else self.col_norms.to(device)
+        return SparseState(self.weights.to(device), norms)
+
+
+class TritonSparseGemvKernel:
+    """Dispatch entry for the sparse GEMV: select ``layout.keep`` columns per call, read only those.
+
+    Meant for decode (M small): for M > 1 the rows of one call share one selection (see
+    :class:`~llmcomp.kernels.dispatch.ActivationSparseLayout`), so the work grows with the union.
+    """
+
+    name = "triton_sparse_gemv"
+    kinds = frozenset({"activation_sparse"})
+
+    def can_implement(self, layout: ActivationSparseLayout, device: torch.device, dtype: torch.dtype):
+        return runs_here(device, dtype, layout.bits, (*INT_BITS, DENSE_BITS))
+
+    def prepare(self, layout: ActivationSparseLayout, tensors: ActivationSparseTensors, dtype: torch.dtype):
+        if layout.dense:
+            weights = prepare_sparse_dense(tensors.base.to(dtype))  # same rounding of W as the reference
+        else:
+            weights = prepare_sparse_quant(layout.base, tensors.base)
+        return SparseState(weights, column_norms(layout, tensors))
+
+    def apply(self, x: torch.Tensor, layout: ActivationSparseLayout, state: Any, bias: torch.Tensor | None):
+        move_state(state, x.device)
+        idx = select_columns(x, layout.keep, state.col_norms)
+        return sparse_matmul(x, state.weights, idx, bias)
+
+
+def register() -> None:
+    """Called by :func:`llmcomp.kernels.dispatch._load_builtin_kernels` (CUDA priority list)."""
+    register_kernel(TritonSparseGemvKernel(), devices=("cuda",))

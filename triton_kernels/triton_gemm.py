@@ -194,25 +194,42 @@ def quant_matmul(
     return _launch(x2, w, b, cfg).reshape(*lead, w.out_features)
 
 
+def runs_here(device: torch.device, dtype: torch.dtype, bits: int, allowed_bits: tuple[int, ...]) -> tuple[bool, str]:
+    """The ``can_implement`` rules every Triton dispatch entry shares.
+
+    CUDA (or any device under ``TRITON_INTERPRET=1``, for tests), ``bits`` in ``allowed_bits``,
+    fp16/bf16/fp32 activations, bf16 only on compute capability >= 8.0.
+    """
+    if device.type != "cuda" and not interpreting():
+        return False, f"needs a CUDA device (got {device.type}; TRITON_INTERPRET=1 allows CPU for tests)"
+    if bits not in allowed_bits:
+        return False, f"bits must be one of {allowed_bits}, got {bits}"
+    if dtype not in ACT_DTYPES:
+        return False, f"activation dtype must be fp16/bf16/fp32, got {dtype}"
+    if device.type == "cuda" and dtype == torch.bfloat16 and not interpreting():
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < MIN_BF16_CAPABILITY:
+            return False, f"bf16 needs compute capability >= {MIN_BF16_CAPABILITY}.0, GPU has {major}.x"
+    return True, ""
+
+
+def move_state(state: Any, device: torch.device) -> None:
+    """Move prepared weights to ``device`` in place (once: modules may prepare before ``.to(device)``)."""
+    if state.device != device:
+        moved = state.to(device)
+        state.__dict__.update(moved.__dict__)
+
+
 class TritonGemmKernel:
     """Dispatch entry (:mod:`llmcomp.kernels.dispatch`) for the Triton mixed-precision GEMM."""
 
     name = "triton"
+    kinds = frozenset({"int_affine"})
 
     def can_implement(
         self, layout: QuantLayout, device: torch.device, dtype: torch.dtype
     ) -> tuple[bool, str]:
-        if device.type != "cuda" and not interpreting():
-            return False, f"needs a CUDA device (got {device.type}; TRITON_INTERPRET=1 allows CPU for tests)"
-        if layout.bits not in INT_BITS:
-            return False, f"bits must be one of {INT_BITS}, got {layout.bits}"
-        if dtype not in ACT_DTYPES:
-            return False, f"activation dtype must be fp16/bf16/fp32, got {dtype}"
-        if device.type == "cuda" and dtype == torch.bfloat16 and not interpreting():
-            major, _ = torch.cuda.get_device_capability(device)
-            if major < MIN_BF16_CAPABILITY:
-                return False, f"bf16 needs compute capability >= {MIN_BF16_CAPABILITY}.0, GPU has {major}.x"
-        return True, ""
+        return runs_here(device, dtype, layout.bits, INT_BITS)
 
     def prepare(self, layout: QuantLayout, tensors: QuantTensors, dtype: torch.dtype) -> PackedWeights:
         return prepare_weights(layout, tensors)
@@ -220,9 +237,7 @@ class TritonGemmKernel:
     def apply(
         self, x: torch.Tensor, layout: QuantLayout, state: Any, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        if state.device != x.device:  # moved lazily, once: modules may prepare before .to(device)
-            moved = state.to(x.device)
-            state.__dict__.update(moved.__dict__)
+        move_state(state, x.device)
         return quant_matmul(x, state, bias)
 
 

@@ -212,7 +212,7 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path.name}: truncated or corrupt header")
         try:
             header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8, integers too long to parse
             raise CheckpointError(f"{path.name}: corrupt safetensors header ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: corrupt safetensors header (not a mapping)")
@@ -231,7 +231,7 @@ def _load_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no config.json (not a model directory, or an interrupted write)")
     try:
         config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8, integers too long to parse
         raise CheckpointError(f"{cfg_path}: invalid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path}: not a JSON object")

@@ -60,8 +60,9 @@ def build_module(name: str, spec: ModuleSpec | dict[str, Any], dtype: torch.dtyp
         )
     try:
         return types[spec.kind].from_spec(spec, dtype)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"config.json: module {name!r} has an invalid spec ({exc})") from exc
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: sizes overflowing int64
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"config.json: module {name!r} has an invalid spec ({detail})") from exc
 
 
 def _load_builtin_modules() -> None:
