@@ -30,7 +30,7 @@ from llmcomp.hostinfo import cpu_summary
 from llmcomp.loading import load_model
 from llmcomp.passes import pass_registry
 from llmcomp.passes.base import apply_to_layer
-from llmcomp.pipeline import compress
+from llmcomp.pipeline import compress, find_decoder_layers
 from llmcomp.recipes import Recipe
 
 BF16_BITS = 16.0
@@ -70,11 +70,8 @@ HQQ_META_BITS = 32  # HQQ keeps a float16 scale and a float16 zero per group
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    n = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return name, module
-    raise RuntimeError("no decoder layer list found")
+    handle = find_decoder_layers(model, model.config.num_hidden_layers)
+    return handle.prefix, model.get_submodule(handle.prefix)
 
 
 def apply_pass(model: nn.Module, pass_type: str, config: dict[str, Any]) -> dict[str, Any]:

@@ -194,6 +194,8 @@ def collect_input_stats(
 LICENSE_DIR = "/usr/share/common-licenses"
 CALIBRATION_FILES = ("Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic", "CC0-1.0", "LGPL-2")
 EVALUATION_FILES = ("GPL-3", "GPL-2", "LGPL-2.1")
+# For choosing hyperparameters: disjoint from both (and no revision of an evaluation text).
+VALIDATION_FILES = ("MPL-1.1", "GFDL-1.2", "BSD")
 
 
 def _read_texts(names: tuple[str, ...]) -> str:
@@ -211,6 +213,12 @@ def _read_texts(names: tuple[str, ...]) -> str:
 
 def offline_calibration_text() -> str:
     return _read_texts(CALIBRATION_FILES)
+
+
+def offline_validation_text() -> tuple[str, str]:
+    """(text, description) of the offline validation corpus: tune settings here, never on evaluation text."""
+    desc = f"{LICENSE_DIR}/{{{','.join(VALIDATION_FILES)}}} (offline validation texts)"
+    return _read_texts(VALIDATION_FILES), desc
 
 
 def offline_evaluation_text() -> tuple[str, str]:

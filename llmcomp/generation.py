@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -70,14 +71,16 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: the union of the generation config's, the model config's and the
+    tokenizer's (instruct models often list several, e.g. ``<|im_end|>`` and ``<|endoftext|>``)."""
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
         value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
+            ids.update(int(v) for v in value if isinstance(v, int))
     return ids
 
 
@@ -151,7 +154,7 @@ def generate(
     positions = (mask[:, :prompt_len].cumsum(-1) - 1).clamp_min(0)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    eos = eos_token_ids(model, tokenizer) if stop_at_eos else set()
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
 
     t0 = time.perf_counter()

@@ -13,6 +13,10 @@ from safetensors import safe_open
 
 from llmcomp.errors import LlmcompError
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
 
 class LazyWeights:
     """Name -> file index over ``model.safetensors`` or ``model.safetensors.index.json``."""
@@ -52,6 +56,12 @@ class LazyWeights:
                 for name in group:
                     out[name] = fh.get_tensor(name)
         return out
+
+    def shape_dtype(self, name: str) -> tuple[list[int], torch.dtype]:
+        """Shape and dtype of one tensor, from the file header (nothing is read)."""
+        with safe_open(str(self._file_of[name]), framework="pt") as fh:
+            sl = fh.get_slice(name)
+            return list(sl.get_shape()), _DTYPES[sl.get_dtype()]
 
     def with_prefix(self, prefix: str) -> list[str]:
         return [n for n in self._file_of if n.startswith(prefix)]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from llmcomp.generation import eos_token_ids
 from llmcomp.serve import kv_batch
 from llmcomp.serve.detok import IncrementalDetokenizer
 from llmcomp.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample_token, token_logprob
@@ -119,7 +120,7 @@ class Engine:
         self.max_queue = max_queue
         self.context_length = context_length or _context_length(model)
         self.device = next(model.parameters()).device
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -321,15 +322,3 @@ def _context_length(model: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return FALLBACK_CONTEXT_LENGTH
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """End-of-sequence ids from the generation config, the model config and the tokenizer."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids

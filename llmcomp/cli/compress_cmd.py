@@ -55,7 +55,12 @@ def summary_table(report: dict[str, Any], output_dir: Path) -> Table:
 @user_errors
 def compress(
     model: str = typer.Argument(..., help="hub id (org/name), local HF directory, .gguf file, or alias smollm2-135m"),
-    recipe: str = typer.Option(..., "--recipe", "-r", help="built-in recipe name or path to a YAML recipe"),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="built-in recipe name or path to a YAML recipe"),
+    target_bits: float | None = typer.Option(
+        None, help="instead of a recipe: plan per-layer bits and group sizes (int3/4/8) from measured sensitivity so "
+                   "the average stored bits per weight (scales and zero points counted) is at most this, e.g. 4.25"),
+    target_size: str | None = typer.Option(
+        None, help="instead of a recipe: like --target-bits, for a total tensor size, e.g. 80MB"),
     output: Path = typer.Option(..., "--output", "-o", help="output directory for the llmcomp checkpoint"),
     overwrite: bool = typer.Option(False, help="replace OUTPUT if it exists (atomically)"),
     dtype: str = typer.Option("auto", help="working/storage dtype: auto (as stored), bfloat16, float16, float32"),
@@ -71,12 +76,14 @@ def compress(
     """Compress MODEL with a recipe and write an llmcomp checkpoint loadable by from_pretrained, vLLM and
     `llmcomp serve`. See `llmcomp recipes` for the built-in recipes.
 
+    With --target-bits or --target-size instead of --recipe, the budgeted auto-recipe (pass `autobits`) measures
+    each layer group's sensitivity on calibration text and chooses bits and group size per layer to fit the budget.
+
     Progress is kept per layer in OUTPUT.partial: after a crash, kill or Ctrl-C, run the same command with
     --resume to continue where it stopped."""
     from llmcomp.pipeline import compress as run_compress
-    from llmcomp.recipes import load_recipe
 
-    parsed = load_recipe(recipe)
+    parsed = choose_recipe(recipe, target_bits, target_size)
     text = None
     if calibration_file is not None:
         if not calibration_file.is_file():
@@ -92,6 +99,29 @@ def compress(
                           highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
     console.print(summary_table(result.report, result.output_dir))
+
+
+def choose_recipe(recipe: str | None, target_bits: float | None, target_size: str | None):
+    """The recipe named, or the budgeted auto-recipe for a bits or size target (exactly one of the three)."""
+    from llmcomp.recipes import load_recipe, recipe_from_dict
+
+    given = [opt for opt, value in (("--recipe", recipe), ("--target-bits", target_bits),
+                                    ("--target-size", target_size)) if value is not None]
+    if len(given) != 1:
+        raise LlmcompError("give exactly one of --recipe, --target-bits and --target-size"
+                           + (f" (got {', '.join(given)})" if given else ""))
+    if recipe is not None:
+        return load_recipe(recipe)
+    if target_bits is not None:
+        if not 1.0 < target_bits <= 16.0:
+            raise LlmcompError(f"--target-bits must be in (1, 16], got {target_bits}")
+        target: dict[str, Any] = {"target_bits": target_bits}
+        name = f"autobits-{target_bits:g}bpw"
+    else:
+        target = {"target_bytes": parse_size(str(target_size))}
+        name = f"autobits-{target_size}"
+    return recipe_from_dict({"name": name, "description": "budgeted mixed precision (llmcomp.passes.autobits)",
+                             "passes": [{"type": "autobits", **target}]}, where=name)
 
 
 def resume_command() -> str:
