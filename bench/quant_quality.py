@@ -58,12 +58,23 @@ PASS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                    "max_group_size": 64}),
     "fq-w3-aw": ("finequant", {"bits": 3, "activation_aware": True, "threshold": 0.025}),  # recipe
     "fq-w8-aw-pc": ("finequant", {"bits": 8, "symmetric": True, "activation_aware": True}),
+    # Budgeted auto-recipe (llmcomp compress --target-bits B): mixed int3/int4/int8 from measured sensitivity.
+    "auto-4.25": ("autobits", {"target_bits": 4.25}),
+    "auto-4.2": ("autobits", {"target_bits": 4.197}),  # finequant-w4-aw's own bits
+    "auto-3.5": ("autobits", {"target_bits": 3.5}),
+    "auto-3.6": ("autobits", {"target_bits": 3.615}),  # finequant-w3-aw's own bits
     "rtn-w8": ("rtn", {"bits": 8, "group_size": -1, "symmetric": True}),
     "rtn-w4-pc": ("rtn", {"bits": 4, "group_size": -1, "symmetric": False}),
     "rtn-w4-g128": ("rtn", {"bits": 4, "group_size": 128, "symmetric": False}),
     "rtn-w4-g64": ("rtn", {"bits": 4, "group_size": 64, "symmetric": False}),
     "rtn-w4-g32": ("rtn", {"bits": 4, "group_size": 32, "symmetric": False}),
     "rtn-w3-g32": ("rtn", {"bits": 3, "group_size": 32, "symmetric": False}),
+}
+# Stacked recipes (run through the pipeline): name -> passes in order.
+STACKED_METHODS: dict[str, list[dict[str, Any]]] = {
+    "wanda50-fq4": [{"type": "wanda", "sparsity": 0.5}, {"type": "finequant", "bits": 4}],
+    "wanda50-fq4-nomask": [{"type": "wanda", "sparsity": 0.5}, {"type": "finequant", "bits": 4, "respect_mask": False}],
+    "wanda50": [{"type": "wanda", "sparsity": 0.5}],
 }
 HQQ_METHODS = {"hqq-w4-g64": (4, 64), "hqq-w4-g32": (4, 32), "hqq-w3-g32": (3, 32), "hqq-w8-g64": (8, 64)}
 HQQ_META_BITS = 32  # HQQ keeps a float16 scale and a float16 zero per group
@@ -104,7 +115,7 @@ def apply_hqq(model: nn.Module, bits: int, group: int) -> dict[str, Any]:
 
 
 def average_bits(reports: dict[str, Any]) -> float | None:
-    items = [(r["bits_per_weight"], r["numel"]) for r in reports.values() if "numel" in r]
+    items = [(r["bits_per_weight"], r["numel"]) for r in reports.values() if "numel" in r and "bits_per_weight" in r]
     if not items:
         return None
     return sum(b * n for b, n in items) / sum(n for _, n in items)
@@ -125,9 +136,10 @@ def group_histogram(reports: dict[str, Any]) -> dict[str, int]:
     return dict(sorted(hist.items(), key=lambda kv: -int(kv[0]) if kv[0].lstrip("-").isdigit() else 0))
 
 
-def compress_calibrated(args: argparse.Namespace, pass_type: str, config: dict[str, Any]):
+def compress_calibrated(args: argparse.Namespace, pass_type: str, config: dict[str, Any],
+                        passes: list[dict[str, Any]] | None = None):
     """Passes that need calibration run through the real pipeline (sequential, layer by layer)."""
-    recipe = Recipe(passes=[{"type": pass_type, **config}])
+    recipe = Recipe(passes=passes or [{"type": pass_type, **config}])
     with tempfile.TemporaryDirectory(prefix="llmcomp-qq-") as tmp:
         result = compress(args.model, recipe, Path(tmp) / "ckpt", dtype="bfloat16", progress=False)
         # A quantized transformers model refuses .float(); load it in float32 directly.
@@ -135,8 +147,17 @@ def compress_calibrated(args: argparse.Namespace, pass_type: str, config: dict[s
     return model, tok, result.report["modules"]
 
 
+def _needs_calibration(pass_type: str, config: dict[str, Any]) -> bool:
+    cls = pass_registry()[pass_type]
+    return cls(cls.Config.model_validate(config)).needs().calibration
+
+
 def run_method(name: str, args: argparse.Namespace, text: str) -> dict[str, Any]:
-    if name in PASS_METHODS and PASS_METHODS[name][1].get("activation_aware"):
+    if name in STACKED_METHODS:
+        t0 = time.perf_counter()
+        model, tok, reports = compress_calibrated(args, "", {}, passes=STACKED_METHODS[name])
+        return _evaluate(name, model, tok, reports, time.perf_counter() - t0, args, text)
+    if name in PASS_METHODS and _needs_calibration(*PASS_METHODS[name]):
         t0 = time.perf_counter()  # includes the checkpoint round trip: the pipeline writes one
         model, tok, reports = compress_calibrated(args, *PASS_METHODS[name])
         return _evaluate(name, model, tok, reports, time.perf_counter() - t0, args, text)
@@ -161,7 +182,7 @@ def _evaluate(name: str, model: nn.Module, tok: Any, reports: dict[str, Any], qu
                              progress=False)
     return {
         "method": name,
-        "config": PASS_METHODS.get(name) or HQQ_METHODS.get(name),
+        "config": PASS_METHODS.get(name) or HQQ_METHODS.get(name) or STACKED_METHODS.get(name),
         "perplexity": res.perplexity,
         "tokens": res.tokens,
         "avg_bits_per_weight": BF16_BITS if name == "bf16" else average_bits(reports),
