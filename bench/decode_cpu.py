@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llmcomp.cli.bench_cmd import DEFAULT_PROMPT, run_bench
+from llmcomp.cli.bench_cmd import DEFAULT_PROMPT, parse_modes, run_bench
 from llmcomp.hostinfo import cpu_summary
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm",
@@ -55,32 +55,44 @@ def profile_decode(model_source: str, dtype: str, steps: int = PROFILE_STEPS) ->
 
 
 def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: str, rounds: int,
-                      llama_threads: int | None = None) -> dict[str, Any]:
+                      modes: list[str], llama_threads: int | None = None) -> dict[str, Any]:
     """All models loaded at once and measured in turn, ``rounds`` times: on a shared machine the
     load changes minute to minute, so each model sees the same conditions; min and median kept.
+    Each (model, mode) gets one runner, compiled before the first round (compile time recorded).
     ``llama_threads`` adds llama.cpp on the embedded GGUF to every round (batch 1 only: the
     llama-cpp-python API decodes one sequence)."""
     from llmcomp.generation import generate
     from llmcomp.loading import load_model
+    from llmcomp.runtime import ModelRunner
 
     models = {s: load_model(s, dtype=dtype) for s in sources}
+    max_len = max(len(tok(DEFAULT_PROMPT)["input_ids"]) for _, tok in models.values()) + tokens
+    runners, compile_s = {}, {}
+    for source, (model, _) in models.items():
+        for mode in modes:
+            runner = ModelRunner(model, max(sizes), max_len, compile=mode == "compiled", buckets=sizes)
+            compile_s[(source, mode)] = round(runner.warm_up(), 1)
+            runners[(source, mode)] = runner
     llama = LlamaCppDecoder(embedded_gguf(), llama_threads) if llama_threads else None
-    times: dict[tuple[str, int], list[float]] = {(s, b): [] for s in sources for b in sizes}
+    times: dict[tuple[str, str, int], list[float]] = {(s, m, b): [] for (s, m) in runners for b in sizes}
     if llama is not None:
-        times[(llama.name, 1)] = []
+        times[(llama.name, "native", 1)] = []
     for _ in range(rounds):
         for bs in sizes:
-            for source, (model, tok) in models.items():
-                res = generate(model, tok, [DEFAULT_PROMPT] * bs, max_new_tokens=tokens, stop_at_eos=False)
-                times[(source, bs)].append(res.decode_seconds / max(res.decode_steps, 1))
+            for (source, mode), runner in runners.items():
+                model, tok = models[source]
+                res = generate(model, tok, [DEFAULT_PROMPT] * bs, max_new_tokens=tokens, stop_at_eos=False,
+                               runner=runner)
+                times[(source, mode, bs)].append(res.decode_seconds / max(res.decode_steps, 1))
             if llama is not None and bs == 1:
-                times[(llama.name, 1)].append(llama.seconds_per_token(tokens))
+                times[(llama.name, "native", 1)].append(llama.seconds_per_token(tokens))
     if llama is not None:
         llama.close()
     out = []
-    for (source, bs), ts in times.items():
+    for (source, mode, bs), ts in times.items():
         ts = sorted(ts)
-        out.append({"model": source, "batch_size": bs, "rounds": rounds,
+        out.append({"model": source, "mode": mode, "batch_size": bs, "rounds": rounds,
+                    "compile_seconds": compile_s.get((source, mode)),
                     "best_ms_per_step": round(1000 * ts[0], 2), "median_ms_per_step": round(1000 * ts[len(ts) // 2], 2),
                     "best_tokens_per_second": round(bs / ts[0], 2),
                     "median_tokens_per_second": round(bs / ts[len(ts) // 2], 2)})
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    ap.add_argument("--modes", default="eager,compiled", help="eager and/or compiled decode steps")
     ap.add_argument("--profile", action="store_true", help="measure the matmul share of batch-1 decode")
     ap.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp on the embedded GGUF")
     ap.add_argument("--rounds", type=int, default=0,
@@ -148,10 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.rounds:
         result["interleaved"] = interleaved_bench(args.models.split(","), sizes, args.tokens, args.dtype, args.rounds,
+                                                  parse_modes(args.modes),
                                                   llama_threads=args.threads if args.llama_cpp else None)
         print(json.dumps(result["interleaved"]), flush=True)
     for source in args.models.split(",") if not args.rounds else []:
-        run = run_bench(source, sizes, args.tokens, args.dtype, args.threads, args.compile, 1, DEFAULT_PROMPT)
+        run = run_bench(source, sizes, args.tokens, args.dtype, args.threads, parse_modes(args.modes), 1,
+                        DEFAULT_PROMPT)
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
     for source in args.models.split(",") if args.profile else []:

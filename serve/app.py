@@ -1,8 +1,11 @@
 """HTTP layer of the native server: OpenAI routes, auth, errors, SSE streaming, metrics.
 
 It only validates, tokenizes and formats; generation happens in :class:`llmcomp.serve.engine.Engine`,
-whose bounded queue turns overload into 429 + ``Retry-After`` here. Every failure is answered with
-the OpenAI error JSON and the server keeps serving.
+whose bounded queue turns overload into 429 + ``Retry-After`` here. Every failure (FastAPI's own
+validation errors, unknown routes and methods included) is answered with the OpenAI error JSON and
+the server keeps serving. Requests are validated by the pydantic models of
+:mod:`llmcomp.serve.protocol` in the route signatures, so ``/openapi.json`` documents exactly what is
+enforced and answered (see :func:`_complete_openapi` for the parts FastAPI cannot derive).
 """
 
 from __future__ import annotations
@@ -16,20 +19,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmcomp.runtime.sampling import SamplingParams
 from llmcomp.serve import openai_format as fmt
 from llmcomp.serve.engine import Engine, EngineClosedError, QueueFullError, RequestOutput
 from llmcomp.serve.metrics import ServerMetrics
 from llmcomp.serve.protocol import (
     APIError,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
     validation_error,
 )
-from llmcomp.serve.sampling import SamplingParams
 from llmcomp.serve.worker import RETRY_AFTER_S, EngineUnavailableError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -37,6 +50,23 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512  # cap for chat requests that give no limit (CPU serving: keep it finite)
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client left
 KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: a wrong type or value (`param` names the field), body that is not a JSON object, "
+         "or prompt + max_tokens longer than the context (`code: context_length_exceeded`)",
+    401: "Missing or wrong API key (only when the server was started with an API key)",
+    404: "Unknown model (`code: model_not_found`)",
+    413: "Request body over 8 MB (`code: body_too_large`)",
+    429: "Waiting queue full (`code: server_busy`); retry after `Retry-After` seconds",
+    500: "Generation failed",
+    503: "The model worker is restarting (`code: worker_restarting`) or the server is shutting down; "
+         "retry after `Retry-After` seconds",
+}
+STREAM_CHUNKS: dict[str, type[BaseModel]] = {"/v1/completions": CompletionChunk,
+                                             "/v1/chat/completions": ChatCompletionChunk}
+SCHEMA_REF = "#/components/schemas/{model}"
+STREAM_DESCRIPTION = ("With `stream: false`: the JSON answer. With `stream: true`: server-sent events, one "
+                      "`data: {chunk}` per event (an error mid-stream is sent as `data: {\"error\": ...}`), "
+                      "ending with `data: [DONE]`.")
 
 
 @dataclass
@@ -57,9 +87,16 @@ class _Job:
     stream: bool
 
 
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries: each error status with OpenAI's error body."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``config.model_name``."""
-    app = FastAPI(title="llmcomp native server", docs_url=None, redoc_url=None)
+    # strict_content_type=False: a body without Content-Type is read as JSON (curl without -H)
+    app = FastAPI(title="llmcomp native server", version="1", docs_url=None, redoc_url=None,
+                  strict_content_type=False)
     metrics = ServerMetrics()
     token_text = fmt.TokenText(engine.tokenizer)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
@@ -72,17 +109,25 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(validation_error(exc.errors()))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes (404), wrong methods (405, keeps ``Allow``), unreadable or too large bodies."""
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(exc.status_code, str(exc.detail), type_=kind))
+        code = "body_too_large" if exc.status_code == 413 else None
+        return _error_response(APIError(exc.status_code, str(exc.detail), type_=kind, code=code,
+                                        headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         message = f"internal error: {type(exc).__name__}: {exc}"
         return _error_response(APIError(500, message, type_="server_error"))
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health,
+             responses={503: {"model": Health, "description": "The model worker is (re)starting; `Retry-After`"}})
     async def health() -> JSONResponse:
         state = getattr(engine, "state", "ready")
         body = {"status": "ok" if state == "ready" else state, "model": config.model_name,
@@ -91,51 +136,107 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         headers = {} if state == "ready" else {"Retry-After": str(RETRY_AFTER_S)}
         return JSONResponse(body, status_code=200 if state == "ready" else 503, headers=headers)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, response_description="Prometheus text format")
     async def prometheus() -> Response:
         body = metrics.render(engine.num_waiting, engine.num_active)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(config.model_name, engine.context_length)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_errors(401, 404))
     async def model(model_id: str) -> dict[str, Any]:
         _check_model(model_id, config.model_name)
         return _model_card(config.model_name, engine.context_length)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    generation_errors = _errors(400, 401, 404, 413, 429, 500, 503)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=generation_errors,
+              response_description=STREAM_DESCRIPTION)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         started = time.perf_counter()
-        req = _parse(CompletionRequest, await _read_json(request))
-        _check_model(req.model, config.model_name)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
-        prompts = [_tokenize_prompt(engine, p) for p in req.prompts()]
-        job = _build_job(engine, req, prompts, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, req.logprobs,
+        _check_model(body.model, config.model_name)
+        prompts = [_tokenize_prompt(engine, p) for p in body.prompts()]
+        job = _build_job(engine, body, prompts, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs,
                          chat=False)
         return await _run(request, engine, metrics, token_text, job, "completions", started)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=generation_errors,
+              response_description=STREAM_DESCRIPTION)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         started = time.perf_counter()
-        req = _parse(ChatCompletionRequest, await _read_json(request))
-        _check_model(req.model, config.model_name)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs",
-                           code="invalid_value")
-        prompt = _render_chat(engine, req)
-        k = (req.top_logprobs or 0) if req.logprobs else None
-        job = _build_job(engine, req, [prompt], req.requested_max_tokens(), DEFAULT_CHAT_MAX_TOKENS, k,
-                         chat=True)
+        _check_model(body.model, config.model_name)
+        prompt = _render_chat(engine, body)
+        job = _build_job(engine, body, [prompt], body.requested_max_tokens(), DEFAULT_CHAT_MAX_TOKENS,
+                         body.logprobs_k(), chat=True)
         return await _run(request, engine, metrics, token_text, job, "chat", started)
 
+    def openapi() -> dict[str, Any]:
+        if not app.openapi_schema:
+            app.openapi_schema = _complete_openapi(FastAPI.openapi(app), config.model_name, engine.vocab_size,
+                                                   config.api_key is not None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
+def _complete_openapi(schema: dict[str, Any], model_name: str, vocab_size: int, api_key: bool) -> dict[str, Any]:
+    """Add to FastAPI's schema what it cannot derive from the routes.
+
+    * what depends on the served model: ``model`` of a request and ``/v1/models/{model_id}`` take its
+      name (any other: 404), prompt token ids are below its vocabulary size (else 400);
+    * the ``text/event-stream`` variant of the 200 answers, one JSON chunk per event (``itemSchema``);
+    * no 422: validation errors are answered with 400, as OpenAI does;
+    * the bearer scheme on ``/v1`` routes when the server has an API key.
+    """
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for request in (CompletionRequest, ChatCompletionRequest):
+        components[request.__name__]["properties"]["model"]["enum"] = [model_name]
+    for parameter in schema["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
+        parameter["schema"]["enum"] = [model_name]
+    _limit_integers(components[CompletionRequest.__name__]["properties"]["prompt"], vocab_size - 1)
+    _, defs = models_json_schema([(m, "serialization") for m in STREAM_CHUNKS.values()], ref_template=SCHEMA_REF)
+    for name, definition in defs.get("$defs", {}).items():
+        components.setdefault(name, definition)
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            if api_key and path.startswith("/v1/"):
+                operation["security"] = [{"bearer": []}]
+        if path in STREAM_CHUNKS:
+            content = operations["post"]["responses"]["200"]["content"]
+            content["text/event-stream"] = {"itemSchema": _sse_event_schema(STREAM_CHUNKS[path].__name__)}
+    if api_key:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return schema
+
+
+def _limit_integers(node: Any, maximum: int) -> None:
+    """Set ``maximum`` on every integer schema below ``node`` (the only integers in a prompt are token ids)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for value in node.values():
+            _limit_integers(value, maximum)
+    elif isinstance(node, list):
+        for value in node:
+            _limit_integers(value, maximum)
+
+
+def _sse_event_schema(chunk: str) -> dict[str, Any]:
+    """One server-sent event: ``data`` is a JSON chunk, a JSON error, or the final ``[DONE]``."""
+    payload = {"anyOf": [{"$ref": SCHEMA_REF.format(model=chunk)}, {"$ref": SCHEMA_REF.format(model="ErrorResponse")}]}
+    data = {"type": "string", "anyOf": [{"const": "[DONE]"},
+                                        {"contentMediaType": "application/json", "contentSchema": payload}]}
+    return {"type": "object", "required": ["data"], "properties": {"data": data}}
+
+
 class _AuthAndCount:
-    """Pure ASGI middleware: API-key check on /v1 routes and request counting by status.
+    """Pure ASGI middleware: API-key check on /v1 routes, the body size limit, request counting by status.
 
     (Starlette's ``BaseHTTPMiddleware`` would hide client disconnects from the routes.)
     """
@@ -156,13 +257,28 @@ class _AuthAndCount:
                 status = message["status"]
             await send(message)
 
+        received = 0
+
+        async def receive_limited() -> Any:
+            """Bodies sent without Content-Length (chunked) are cut off at the same limit."""
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise StarletteHTTPException(413, _TOO_LARGE)
+            return message
+
         try:
             if self.api_key and path.startswith("/v1/") and not _authorized(scope, self.api_key):
                 error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                                  type_="authentication_error", code="invalid_api_key")
                 await _error_response(error)(scope, receive, send_and_record)
+            elif _declared_length(scope) > MAX_BODY_BYTES:
+                error = APIError(413, _TOO_LARGE, code="body_too_large")
+                await _error_response(error)(scope, receive, send_and_record)
             else:
-                await self.app(scope, receive, send_and_record)
+                await self.app(scope, receive_limited, send_and_record)
         finally:
             if status == 429:
                 self.metrics.rejected.inc()
@@ -177,26 +293,12 @@ def _authorized(scope: Any, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-async def _read_json(request: Request) -> Any:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+_TOO_LARGE = f"request body larger than {MAX_BODY_BYTES} bytes"
 
 
-def _parse(schema: type[BaseModel], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    try:
-        return schema.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+def _declared_length(scope: Any) -> int:
+    value = dict(scope.get("headers") or []).get(b"content-length", b"0")
+    return int(value) if value.isdigit() else 0
 
 
 def _check_model(name: str, served: str) -> None:
@@ -236,8 +338,8 @@ def _render_chat(engine: Engine, req: ChatCompletionRequest) -> list[int]:
 
 
 def _build_job(
-    engine: Engine, req: Any, prompts: list[list[int]], max_tokens: int | None, default_max: int,
-    logprobs: int | None, chat: bool,
+    engine: Engine, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], max_tokens: int | None,
+    default_max: int, logprobs: int | None, chat: bool,
 ) -> _Job:
     ctx = engine.context_length
     sequences = []
@@ -255,11 +357,7 @@ def _build_job(
                            f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
                            param="max_tokens", code="context_length_exceeded")
         limit = max_tokens if max_tokens is not None else min(default_max, room)
-        for i in range(req.n):
-            seed = None if req.seed is None else req.seed + i
-            params = SamplingParams(limit, req.temperature, req.top_p, req.stop_list(), seed, logprobs,
-                                    req.ignore_eos)
-            sequences.append((ids, params, index))
+        sequences.extend((ids, req.sampling(limit, logprobs, i), index) for i in range(req.n))
     return _Job(chat, req.model, sequences, logprobs is not None, req.include_usage, req.stream)
 
 

@@ -1,18 +1,20 @@
-"""Native inference engine: continuous batching of HF causal LMs on a background thread.
+"""Native inference engine: continuous batching on the runtime's slot KV cache, on one thread.
 
-One thread owns the model. Each iteration it admits waiting requests (prefilled one at a time, so
-no prompt padding is ever attended), then runs a single batched decode step for every live
-sequence on a shared left-padded KV cache (:mod:`llmcomp.serve.kv_batch`). Sequences leave the
-batch as soon as they finish or are cancelled, freeing their slot for the next waiting request.
-The waiting queue is bounded: :meth:`Engine.submit` raises :class:`QueueFullError` instead of
-buffering without limit. Results are pushed to a per-request ``sink`` callable, which lets the
-HTTP layer bridge into asyncio and lets tests and scripts block on a plain queue.
+One thread owns the model (a :class:`~llmcomp.runtime.ModelRunner`). Each iteration it spends a
+bounded prefill budget (``prefill_chunk`` prompt tokens) on admitting waiting requests, chunk by
+chunk, so a long prompt never stalls the running streams for more than one chunk; then it runs one
+batched decode step for every live sequence. Live sequences occupy slots ``0..n-1``; one that
+finishes or is cancelled frees its slot at once (the last live slot moves into it), so the next
+waiting request starts on the following iteration. The waiting queue is bounded:
+:meth:`Engine.submit` raises :class:`QueueFullError` instead of buffering without limit. Results
+are pushed to a per-request ``sink`` callable, which lets the HTTP layer bridge into asyncio and
+lets tests and scripts block on a plain queue.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
+import logging
 import queue
 import threading
 from collections import deque
@@ -22,15 +24,17 @@ from typing import Any
 
 import torch
 
-from llmcomp.generation import eos_token_ids
-from llmcomp.serve import kv_batch
+from llmcomp.runtime import ModelRunner, context_length
+from llmcomp.runtime.runner import DEFAULT_PREFILL_CHUNK
+from llmcomp.runtime.sampling import SamplingParams, TokenLogprob, make_generator, sample_rows, token_logprob
+from llmcomp.runtime.stopping import eos_token_ids, is_end_of_sequence, length_limit_reached
 from llmcomp.serve.detok import IncrementalDetokenizer
-from llmcomp.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample_token, token_logprob
 
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_MAX_MODEL_LEN = 2048  # KV slots are pre-allocated to this length unless --max-model-len says otherwise
 RETRY_AFTER_S = 1  # what a rejected client is told to wait before retrying
-FALLBACK_CONTEXT_LENGTH = 2048  # when the config names no maximum position
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(Exception):
@@ -72,6 +76,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens already in the KV cache
     cancelled: bool = False
     done: bool = False
 
@@ -111,6 +116,10 @@ class Engine:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue: int = DEFAULT_MAX_QUEUE,
         context_length: int | None = None,
+        compile: bool = False,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        progress: Callable[[str], None] | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
@@ -118,16 +127,22 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.context_length = context_length or _context_length(model)
-        self.device = next(model.parameters()).device
+        self.runner = ModelRunner(model, max_batch_size, context_length or default_max_model_len(model),
+                                  compile=compile, compile_backend=compile_backend, prefill_chunk=prefill_chunk)
+        self.context_length = self.runner.max_len
+        if progress is not None:
+            progress(f"runtime: {self.runner.backend} forward, KV cache {max_batch_size} slots x "
+                     f"{self.context_length} tokens = {self.runner.kv_cache_bytes / 2**20:.0f} MiB")
+        if self.runner.compiled:
+            seconds = self.runner.warm_up(progress=(lambda m: progress(f"compiling {m}")) if progress else None)
+            if progress is not None:
+                progress(f"compiled the decode step ({len(self.runner.buckets)} batch sizes) in {seconds:.1f} s")
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
-        self._admitting = 0  # sequences taken from _waiting whose prefill is still running
-        self._active: list[_Sequence] = []
-        self._batch: kv_batch.KVBatch | None = None
+        self._prefilling: _Sequence | None = None  # taken from _waiting, prompt partly in its slot
+        self._active: list[_Sequence] = []  # index == KV slot
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llmcomp-engine", daemon=True)
         self._thread.start()
@@ -158,7 +173,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosedError("engine is shut down")
-            free_slots = self.max_batch_size - len(self._active) - self._admitting
+            free_slots = self.max_batch_size - len(self._active) - (self._prefilling is not None)
             if len(self._waiting) + len(seqs) > self.max_queue + max(free_slots, 0):
                 raise QueueFullError(len(self._waiting), self.max_queue)
             self._waiting.extend(seqs)
@@ -197,102 +212,100 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._active:
+                    while not self._closed and not self._waiting and not self._active and self._prefilling is None:
                         self._cond.wait()
                     if self._closed:
                         break
-                    admitted = []
-                    while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
-                        admitted.append(self._waiting.popleft())
-                    # Popped but not yet active: still occupying batch slots for submit()'s bound.
-                    self._admitting = len(admitted)
                 try:
                     self._drop_cancelled()
-                    for seq in admitted:
-                        self._prefill(seq)
-                    with self._cond:
-                        self._admitting = 0
+                    self._prefill_step()
                     if self._active:
                         self._decode_step()
-                except Exception as exc:  # keep serving: fail what was in flight, reset the batch
-                    with self._cond:
-                        self._admitting = 0
-                    self._fail_all(admitted, f"{type(exc).__name__}: {exc}")
-        self._fail_all(list(self._waiting), "engine is shut down")
+                except Exception as exc:  # keep serving: fail what was in flight, reset the slots
+                    log.exception("engine step failed")
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+        self._fail_all("engine is shut down", list(self._waiting))
 
-    def _forward(self, **kwargs: Any) -> Any:
-        if self._keep_logits:
-            kwargs["logits_to_keep"] = 1
-        return self.model(use_cache=True, **kwargs)
+    def _next_to_prefill(self) -> _Sequence | None:
+        with self._cond:
+            if self._prefilling is None and self._waiting and len(self._active) < self.max_batch_size:
+                self._prefilling = self._waiting.popleft()
+            return self._prefilling
 
-    def _prefill(self, seq: _Sequence) -> None:
-        if seq.cancelled:
-            self._finish(seq, "", [], [], "cancelled")
-            return
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        out = self._forward(input_ids=ids, past_key_values=kv_batch.new_cache())
-        keys, values = kv_batch.cache_tensors(out.past_key_values)
-        row = kv_batch.KVBatch(
-            keys, values, torch.ones_like(ids), torch.tensor([ids.shape[1]], device=self.device)
-        )
-        if not self._append_token(seq, out.logits[0, -1]):
-            self._batch = kv_batch.merge(self._batch, row)
-            self._active.append(seq)
+    def _prefill_step(self) -> None:
+        """Spend at most one chunk of prompt tokens on the sequences waiting to start."""
+        budget = self.runner.prefill_chunk
+        while budget > 0 and (seq := self._next_to_prefill()) is not None:
+            slot = len(self._active)
+            if seq.cancelled or len(seq.prompt_ids) >= self.context_length:
+                self.runner.free(slot)
+                if seq.cancelled:
+                    self._finish(seq, "", [], [], "cancelled")
+                else:
+                    self._finish(seq, "", [], [], "error", error=f"the prompt has {len(seq.prompt_ids)} tokens; "
+                                 f"the maximum context is {self.context_length}")
+                self._prefilling = None
+                continue
+            if seq.prefilled == 0:
+                self.runner.free(slot)
+            chunk = seq.prompt_ids[seq.prefilled:seq.prefilled + budget]
+            logits = self.runner.prefill_chunk_at(slot, chunk)
+            seq.prefilled += len(chunk)
+            budget -= len(chunk)
+            if seq.prefilled < len(seq.prompt_ids):
+                return  # the rest next iteration, after a decode step for the running streams
+            self._prefilling = None
+            token = sample_rows(logits[None], [seq.params], [seq.generator])[0]
+            if self._append_token(seq, logits, token):
+                self.runner.free(slot)
+            else:
+                self._active.append(seq)
 
     def _decode_step(self) -> None:
-        batch = self._batch
-        assert batch is not None and batch.size == len(self._active)
-        last = torch.tensor([[s.output_ids[-1]] for s in self._active], dtype=torch.long, device=self.device)
-        ones = torch.ones_like(last)
-        out = self._forward(
-            input_ids=last,
-            attention_mask=torch.cat([batch.mask, ones], dim=1),
-            position_ids=batch.positions.unsqueeze(1),
-            past_key_values=kv_batch.to_cache(batch),
-        )
-        keys, values = kv_batch.cache_tensors(out.past_key_values)
-        grown = kv_batch.KVBatch(keys, values, torch.cat([batch.mask, ones], dim=1), batch.positions + 1)
-        keep = []
+        logits = self.runner.decode([s.output_ids[-1] for s in self._active])
+        tokens = sample_rows(logits, [s.params for s in self._active], [s.generator for s in self._active])
+        finished = []
         for i, seq in enumerate(self._active):
             if seq.cancelled:
                 self._finish(seq, "", [], [], "cancelled")
-            elif not self._append_token(seq, out.logits[i, -1]):
-                keep.append(i)
-        self._set_rows(grown, keep)
+                finished.append(i)
+            elif self._append_token(seq, logits[i], tokens[i]):
+                finished.append(i)
+        self._release(finished)
 
-    def _set_rows(self, batch: kv_batch.KVBatch, keep: list[int]) -> None:
-        if len(keep) != batch.size:
-            batch = kv_batch.select(batch, keep)
-        self._active = [self._active[i] for i in keep]
-        self._batch = batch if self._active else None
+    def _release(self, indices: list[int]) -> None:
+        """Free the slots of finished sequences, keeping the live slots a prefix ``0..n-1``."""
+        for i in sorted(indices, reverse=True):
+            last = len(self._active) - 1
+            self.runner.move(last, i)  # a no-op when i is the last slot
+            self._active[i] = self._active[last]
+            self._active.pop()
+            self.runner.free(last)
+        if indices and self._prefilling is not None and self._prefilling.prefilled:
+            # A half-prefilled prompt sits just after the live slots: follow them down.
+            old = len(self._active) + len(indices)
+            self.runner.move(old, len(self._active))
 
     def _drop_cancelled(self) -> None:
-        if self._batch is None or not any(s.cancelled for s in self._active):
-            return
-        keep = []
-        for i, seq in enumerate(self._active):
-            if seq.cancelled:
-                self._finish(seq, "", [], [], "cancelled")
-            else:
-                keep.append(i)
-        self._set_rows(self._batch, keep)
+        cancelled = [i for i, s in enumerate(self._active) if s.cancelled]
+        for i in cancelled:
+            self._finish(self._active[i], "", [], [], "cancelled")
+        self._release(cancelled)
 
-    def _append_token(self, seq: _Sequence, logits: torch.Tensor) -> bool:
-        """Sample, detokenize and emit one token; returns True when the sequence is finished."""
+    def _append_token(self, seq: _Sequence, logits: torch.Tensor, token: int) -> bool:
+        """Detokenize and emit one sampled token; returns True when the sequence is finished."""
         params = seq.params
-        token = sample_token(logits, params, seq.generator)
         lps = [token_logprob(logits, token, params.logprobs)] if params.logprobs is not None else []
         seq.output_ids.append(token)
         reason = None
-        if token in self.eos_ids and not params.ignore_eos:
+        if is_end_of_sequence(token, self.eos_ids, params):
             reason, text = "stop", seq.detok.flush()
         else:
             text = seq.detok.add(token)
             if seq.detok.stopped:
                 reason = "stop"
-            elif len(seq.output_ids) >= params.max_tokens or (
-                len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length
-            ):
+            elif length_limit_reached(len(seq.output_ids), len(seq.prompt_ids) + len(seq.output_ids), params,
+                                      self.context_length):
                 reason = "length"
                 text += seq.detok.flush()
         if reason is not None:
@@ -308,17 +321,16 @@ class Engine:
         seq.done = True
         seq.sink(RequestOutput(text, ids, lps, True, reason, len(seq.prompt_ids), len(seq.output_ids), error))
 
-    def _fail_all(self, extra: list[_Sequence], message: str) -> None:
-        for seq in self._active + [s for s in extra if s not in self._active]:
+    def _fail_all(self, message: str, extra: list[_Sequence] | None = None) -> None:
+        pending = [*self._active, *([self._prefilling] if self._prefilling else []), *(extra or [])]
+        for seq in pending:
             if not seq.done:
                 self._finish(seq, "", [], [], "error", error=message)
-        self._active, self._batch = [], None
+        self._active, self._prefilling = [], None
+        for slot in range(self.max_batch_size):
+            self.runner.free(slot)
 
 
-def _context_length(model: Any) -> int:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return FALLBACK_CONTEXT_LENGTH
+def default_max_model_len(model: Any) -> int:
+    """The model's context, capped at :data:`DEFAULT_MAX_MODEL_LEN` (the KV cache is pre-allocated)."""
+    return min(context_length(model), DEFAULT_MAX_MODEL_LEN)

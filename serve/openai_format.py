@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmcomp.serve.sampling import TokenLogprob
+from llmcomp.runtime.sampling import TokenLogprob
 
 
 @dataclass

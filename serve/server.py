@@ -35,6 +35,7 @@ class NativeOptions:
     served_model_name: str | None = None
     max_model_len: int | None = None
     threads: int | None = None  # torch compute threads; None: default_threads()
+    compile: bool = True  # compile the decode step at start-up (--no-compile skips it)
     log_level: str = "info"
 
 
@@ -47,7 +48,7 @@ def build_native(model: str, options: NativeOptions) -> tuple[Any, EngineWorker]
     source = resolve_source(model)
     tokenizer = load_tokenizer(source)
     spec = WorkerSpec(source.location, options.dtype, options.threads or default_threads(), options.max_batch_size,
-                      options.max_queue, options.max_model_len)
+                      options.max_queue, options.max_model_len, options.compile)
     engine = EngineWorker(spec, tokenizer)
     config = ServerConfig(model_name=options.served_model_name or model, api_key=options.api_key)
     return create_app(engine, config), engine

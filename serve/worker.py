@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from llmcomp.errors import LlmcompError
+from llmcomp.runtime.sampling import SamplingParams
 from llmcomp.serve.engine import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
@@ -37,7 +38,6 @@ from llmcomp.serve.engine import (
     RequestOutput,
     Sink,
 )
-from llmcomp.serve.sampling import SamplingParams
 
 log = logging.getLogger("llmcomp.serve")
 
@@ -67,6 +67,7 @@ class WorkerSpec:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue: int = DEFAULT_MAX_QUEUE
     max_model_len: int | None = None
+    compile: bool = True  # torch.compile the decode step per batch bucket before reporting ready
 
 
 def exit_cause(exitcode: int | None) -> str:
@@ -117,7 +118,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
         torch.set_num_threads(spec.threads)
         model, tokenizer = load_model(spec.model, dtype=spec.dtype)
-        engine = Engine(model, tokenizer, spec.max_batch_size, spec.max_queue, spec.max_model_len)
+        engine = Engine(model, tokenizer, spec.max_batch_size, spec.max_queue, spec.max_model_len,
+                        compile=spec.compile, progress=lambda line: send(("progress", line)))
     except Exception as exc:  # reported to the API process as one line, then this worker exits
         send(("failed", _one_line(exc)))
         return
@@ -290,6 +292,8 @@ class EngineWorker:
                     break
                 if message[0] == "ready":
                     return message[1]
+                if message[0] == "progress":  # start-up steps (KV cache size, compiling)
+                    self._progress(message[1])
                 if message[0] == "failed":
                     proc.join(STOP_TIMEOUT_S)
                     raise LlmcompError(f"cannot start the model worker: {message[1]}")

@@ -1,4 +1,4 @@
-"""The static-cache decode loop against transformers' own generate and closed-form sampling."""
+"""generate() on the runtime against transformers' own generate, and the sampler against closed forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from llmcomp.generation import generate, sample_next
+from llmcomp.generation import generate
+from llmcomp.runtime.sampling import SamplingParams, sample_rows, sample_token
 
 PROMPTS = ["The cat sat on", "A big red house is very"]
 
@@ -70,7 +71,8 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(make) -> None:
 
 def _empirical(logits: torch.Tensor, n: int, **kw) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    draws = sample_next(logits.expand(n, -1), generator=gen, **kw)
+    params = SamplingParams(**kw)
+    draws = torch.tensor([sample_token(logits[0], params, gen) for _ in range(n)])
     return torch.bincount(draws, minlength=logits.shape[-1]).double() / n
 
 
@@ -85,8 +87,22 @@ def _empirical(logits: torch.Tensor, n: int, **kw) -> torch.Tensor:
     ],
 )
 def test_sampling_distribution_closed_form(kw: dict, expected: torch.Tensor) -> None:
-    freq = _empirical(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), 40000, **kw)
-    torch.testing.assert_close(freq, expected.double(), atol=0.01, rtol=0)
+    freq = _empirical(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), 20000, **kw)
+    torch.testing.assert_close(freq, expected.double(), atol=0.015, rtol=0)
+
+
+def test_sample_rows_mixes_greedy_and_seeded_rows() -> None:
+    """Greedy rows take the argmax; sampled rows equal sample_token with the same generator state."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=3),
+              SamplingParams(temperature=0.8, top_k=5, seed=4)]
+    got = sample_rows(logits, params, [torch.Generator().manual_seed(p.seed or 0) for p in params])
+    want = [int(logits[0].argmax()),
+            sample_token(logits[1], params[1], torch.Generator().manual_seed(3)),
+            sample_token(logits[2], params[2], torch.Generator().manual_seed(4))]
+    assert got == want
+    top5 = set(torch.topk(logits[2], 5).indices.tolist())
+    assert all(sample_token(logits[2], params[2], torch.Generator().manual_seed(s)) in top5 for s in range(50))
 
 
 def test_compiled_step_matches_eager(make) -> None:
@@ -95,7 +111,8 @@ def test_compiled_step_matches_eager(make) -> None:
     eager = generate(model, tok, PROMPTS, 6, stop_at_eos=False)
     compiled = generate(model, tok, PROMPTS, 6, stop_at_eos=False, compile=True, compile_backend="eager")
     assert compiled.compiled and compiled.token_ids == eager.token_ids
-    assert compiled.decode_steps == 4  # the first (compiling) step is kept out of the rate
+    # The graphs are built by a warm-up before the timed loop, so every step is counted.
+    assert compiled.decode_steps == 5 and compiled.compile_seconds > 0
 
 
 def test_rejects_bad_arguments(make) -> None:
@@ -114,7 +131,7 @@ def test_bench_cli_json_and_bad_input(tiny_llama_dir, tmp_path) -> None:
     runner = CliRunner()
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", str(tiny_llama_dir), "--batch-sizes", "1,2", "--tokens", "5",
-                                 "--warmup", "0", "--dtype", "float32", "--out", str(out)])
+                                 "--warmup", "0", "--dtype", "float32", "--modes", "eager", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [r["batch_size"] for r in data["results"]] == [1, 2]

@@ -15,7 +15,7 @@ from tiny_models import random_llama
 from transformers import AutoTokenizer
 
 from llmcomp.loading import resolve_source
-from llmcomp.serve.app import ServerConfig, create_app
+from llmcomp.serve.app import MAX_BODY_BYTES, ServerConfig, create_app
 from llmcomp.serve.background import BackgroundServer
 from llmcomp.serve.engine import Engine
 
@@ -176,6 +176,33 @@ def test_seed_n_and_sampling(client):
     assert many.usage.completion_tokens == 24 and many.usage.prompt_tokens == a.usage.prompt_tokens
 
 
+def test_streamed_logprobs_equal_non_streamed(client):
+    kwargs = dict(model=MODEL, prompt="Streamed logprobs", max_tokens=6, temperature=0, logprobs=2)
+    full = client.completions.create(**kwargs).choices[0].logprobs
+    parts = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs) if c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == full.tokens and len(full.tokens) == 6
+    assert [v for p in parts for v in p.token_logprobs] == pytest.approx(full.token_logprobs)
+    assert [o for p in parts for o in p.text_offset] == full.text_offset  # offsets continue across chunks
+    assert [t for p in parts for t in p.top_logprobs] == full.top_logprobs
+
+    messages = [{"role": "user", "content": "Stream me logprobs"}]
+    chat = dict(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    full_chat = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [e for c in client.chat.completions.create(stream=True, **chat) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in full_chat] and len(streamed) == 5
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in full_chat])
+    assert all(len(e.top_logprobs) == 3 for e in streamed)
+
+
+def test_null_sampling_fields_and_any_integer_seed(client):
+    """``temperature``/``top_p`` null mean 1 (OpenAI); a seed outside int64 is used modulo 2**64."""
+    kwargs = dict(model=MODEL, prompt="Seeds:", max_tokens=6)
+    a = client.completions.create(seed=2**64 + 5, **kwargs).choices[0].text
+    b = client.completions.create(seed=5, temperature=None, top_p=None, **kwargs).choices[0].text
+    assert a == b == client.completions.create(seed=5, **kwargs).choices[0].text
+
+
 def test_batched_prompts_and_token_prompts(client, tokenizer):
     ids = tokenizer("Token prompt").input_ids
     res = client.completions.create(model=MODEL, prompt=["first", "second"], max_tokens=3, temperature=0)
@@ -198,12 +225,22 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 5}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"model": MODEL, "prompt": [10**7]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [5, -1]}, 400, "prompt.1"),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "\ud800"}, 400, "prompt"),  # lone surrogate: no 500
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a"] * 17}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", b"", 400, None),
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400,
      "messages.0.role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400,
+     "messages.0.content.0.type"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "top_logprobs"),
 ]
@@ -219,6 +256,31 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(server, client, pa
     if param in ("prompt", "max_tokens") and "context" in err["message"]:
         assert err["code"] == "context_length_exceeded"
     assert client.completions.create(model=MODEL, prompt="still alive", max_tokens=2).choices[0].text is not None
+
+
+def test_every_error_has_the_openai_shape(server):
+    """Routing errors, FastAPI's own validation and the body limit answer OpenAI's JSON too (never 422)."""
+    url, auth = server[0], {"Authorization": f"Bearer {KEY}"}
+
+    def error(r: httpx.Response, status: int) -> dict:
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (r.status_code, r.text)
+        assert set(r.json()) == {"error"} and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        return r.json()["error"]
+
+    wrong_method = httpx.get(url + "/v1/completions", headers=auth)
+    assert error(wrong_method, 405)["type"] == "invalid_request_error" and wrong_method.headers["allow"] == "POST"
+    assert error(httpx.get(url + "/v1/nope", headers=auth), 404)["type"] == "not_found_error"
+    assert error(post(url, "/v1/completions", {"model": MODEL, "prompt": 3}), 400)["param"] == "prompt"
+    too_large = b'{"model": "%s", "prompt": "%s"}' % (MODEL.encode(), b"x" * MAX_BODY_BYTES)
+    assert error(post(url, "/v1/completions", too_large), 413)["code"] == "body_too_large"
+    chunked = httpx.post(url + "/v1/completions", headers=auth, content=iter([b"x" * 2**20] * 9))  # no Content-Length
+    assert error(chunked, 413)["code"] == "body_too_large"
+    form = httpx.post(url + "/v1/completions", headers={**auth, "Content-Type": "application/x-www-form-urlencoded"},
+                      content=json.dumps({"model": MODEL, "prompt": "x"}))
+    assert error(form, 400)["code"] == "invalid_json"
+    no_type = httpx.post(url + "/v1/completions", headers=auth,
+                         content=json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}))
+    assert no_type.status_code == 200 and no_type.json()["usage"]["completion_tokens"] == 2  # JSON when untyped
 
 
 def test_openai_client_sees_typed_errors(server):

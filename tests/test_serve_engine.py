@@ -12,10 +12,9 @@ from tiny_models import random_llama
 from transformers import AutoTokenizer
 
 from llmcomp.loading import resolve_source
-from llmcomp.serve import kv_batch
+from llmcomp.runtime.sampling import SamplingParams, sample_token, token_logprob, top_p_filter
 from llmcomp.serve.detok import IncrementalDetokenizer
 from llmcomp.serve.engine import Engine, QueueFullError
-from llmcomp.serve.sampling import SamplingParams, sample_token, token_logprob, top_p_filter
 
 PROMPTS = ["Hello world", "The capital of France is a long sentence here", "a", "one two three four five six"]
 
@@ -120,27 +119,6 @@ def test_detokenizer_releases_held_back_prefix(tokenizer):
     assert "".join(deltas) == " hello world. more"
 
 
-# -- batched KV cache -------------------------------------------------------------------------
-def _row(length: int, seed: int, layers: int = 2) -> kv_batch.KVBatch:
-    g = torch.Generator().manual_seed(seed)
-    keys = [torch.randn(1, 2, length, 4, generator=g) for _ in range(layers)]
-    values = [torch.randn(1, 2, length, 4, generator=g) for _ in range(layers)]
-    return kv_batch.KVBatch(keys, values, torch.ones(1, length, dtype=torch.long), torch.tensor([length]))
-
-
-def test_kv_merge_left_pads_and_select_trims():
-    a, b, c = _row(5, 0), _row(2, 1), _row(7, 2)
-    batch = kv_batch.merge(kv_batch.merge(a, b), c)
-    assert batch.length == 7 and batch.mask.tolist()[1] == [0] * 5 + [1] * 2
-    torch.testing.assert_close(batch.keys[1][1, :, 5:], b.keys[1][0])
-    assert torch.count_nonzero(batch.keys[0][1, :, :5]) == 0
-    kept = kv_batch.select(batch, [1, 0])  # c leaves: the first two columns were padding for everyone
-    assert kept.length == 5 and kept.positions.tolist() == [2, 5]
-    torch.testing.assert_close(kept.values[0][1], a.values[0][0])
-    torch.testing.assert_close(kept.keys[1][0, :, 3:], b.keys[1][0])
-    assert kv_batch.select(batch, []) is None
-
-
 # -- engine -----------------------------------------------------------------------------------
 def test_continuous_batching_matches_hf_generate(tiny_model, tokenizer):
     refs = [hf_greedy(tiny_model, tokenizer, p, 12) for p in PROMPTS]
@@ -214,7 +192,8 @@ def test_engine_survives_a_failing_forward(tiny_model, tokenizer):
         if calls["n"] == 1:
             raise RuntimeError("simulated out of memory")
 
-    hook = tiny_model.register_forward_pre_hook(boom, with_kwargs=True)
+    # The embedding runs first in every forward (the lean runtime forward and the HF graph alike).
+    hook = tiny_model.model.embed_tokens.register_forward_pre_hook(boom, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="simulated out of memory"):
             engine.generate(tokenizer("x").input_ids, SamplingParams(max_tokens=3, temperature=0), timeout=30)
@@ -222,4 +201,47 @@ def test_engine_survives_a_failing_forward(tiny_model, tokenizer):
         assert len(res.token_ids) == 3
     finally:
         hook.remove()
+        engine.close()
+
+
+def test_chunked_prefill_interleaves_with_running_streams(tiny_model, tokenizer):
+    """A long prompt is prefilled 3 tokens per iteration while a short one is already decoding;
+    sequences of different lengths leave at different steps (their slots are compacted): every
+    output still equals HF's greedy continuation."""
+    long_prompt = " ".join(["word"] * 40)
+    cases = [(PROMPTS[0], 20), (long_prompt, 6), (PROMPTS[3], 3), (PROMPTS[1], 9)]
+    refs = [hf_greedy(tiny_model, tokenizer, p, n) for p, n in cases]
+    engine = Engine(tiny_model, tokenizer, max_batch_size=3, max_queue=8, prefill_chunk=3)
+    events: list[queue.Queue] = [queue.Queue() for _ in cases]
+    chunks_seen: list[int] = []
+    hook = tiny_model.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: chunks_seen.append(args[0].shape[1]))
+    try:
+        engine.submit_many([(tokenizer(p).input_ids, SamplingParams(max_tokens=n, temperature=0), q.put)
+                            for (p, n), q in zip(cases, events, strict=True)])
+        outs = []
+        for q in events:
+            ids = []
+            while True:
+                ev = q.get(timeout=60)
+                ids.extend(ev.token_ids)
+                if ev.finished:
+                    assert ev.finish_reason == "length" and ev.error is None
+                    break
+            outs.append(ids)
+    finally:
+        hook.remove()
+        engine.close()
+    assert outs == refs
+    assert max(chunks_seen) == 3 and engine.runner.kv_cache_bytes > 0
+
+
+def test_engine_rejects_a_prompt_longer_than_the_context(tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer, context_length=8)
+    try:
+        with pytest.raises(RuntimeError, match="maximum context is 8"):
+            engine.generate(list(range(1, 9)), SamplingParams(max_tokens=2, temperature=0), timeout=30)
+        res = engine.generate(list(range(1, 6)), SamplingParams(max_tokens=10, temperature=0), timeout=30)
+        assert res.finish_reason == "length" and len(res.token_ids) == 3  # 5 + 3 fills the 8 positions
+    finally:
         engine.close()

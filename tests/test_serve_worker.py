@@ -24,7 +24,8 @@ LONG = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir):
     tokenizer = load_tokenizer(resolve_source(str(tiny_llama_dir)))
-    engine = EngineWorker(WorkerSpec(str(tiny_llama_dir), threads=1, max_batch_size=4, max_queue=8), tokenizer)
+    spec = WorkerSpec(str(tiny_llama_dir), threads=1, max_batch_size=4, max_queue=8, compile=False)
+    engine = EngineWorker(spec, tokenizer)
     with BackgroundServer(create_app(engine, ServerConfig("tiny"))) as url:
         yield url, engine
     engine.close()
@@ -111,7 +112,7 @@ def test_worker_that_cannot_load_is_one_line_error(tmp_path, tiny_llama_dir):
     (bad / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
     tokenizer = load_tokenizer(resolve_source(str(tiny_llama_dir)))
     with pytest.raises(LlmcompError, match="cannot start the model worker") as info:
-        EngineWorker(WorkerSpec(str(bad), threads=1), tokenizer)
+        EngineWorker(WorkerSpec(str(bad), threads=1, compile=False), tokenizer)
     assert "\n" not in str(info.value)
 
 

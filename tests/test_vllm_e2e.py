@@ -78,8 +78,8 @@ def stop(proc: subprocess.Popen) -> None:
 def native_greedy(checkpoint: Path, n: int):
     """llmcomp's own engine, greedy: (token ids per prompt, model, tokenizer)."""
     from llmcomp.loading import load_model
+    from llmcomp.runtime.sampling import SamplingParams
     from llmcomp.serve.engine import Engine
-    from llmcomp.serve.sampling import SamplingParams
 
     model, tok = load_model(str(checkpoint), dtype=DTYPE)
     engine = Engine(model, tok)

@@ -31,8 +31,13 @@ def serve(
     max_queue: int = typer.Option(64, min=0, help="native: requests allowed to wait; beyond that 429"),
     dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32"),
     served_model_name: str | None = typer.Option(None, help="name clients use in 'model' (default: MODEL)"),
-    max_model_len: int | None = typer.Option(None, min=1, help="context length limit (default: the model's)"),
+    max_model_len: int | None = typer.Option(
+        None, min=1, help="context length limit; native: KV slots are pre-allocated to it "
+        "(default: the model's, at most 2048 for native)"),
     threads: int | None = typer.Option(None, min=1, help="native: torch compute threads (default: cores - 1)"),
+    compile_step: bool = typer.Option(True, "--compile/--no-compile",
+                                      help="native: torch.compile the decode step at start-up (about a minute "
+                                      "per batch size bucket; faster decode)"),
     vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="extra argument passed to vLLM (repeatable)"),
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/models, /v1/completions, /v1/chat/completions (streaming
@@ -61,7 +66,8 @@ def serve(
         raise LlmcompError("--vllm-arg only applies to --engine vllm")
     from llmcomp.serve.server import NativeOptions, run_native
 
-    options = NativeOptions(host, port, api_key, max_batch_size, max_queue, dtype, name, max_model_len, threads)
+    options = NativeOptions(host, port, api_key, max_batch_size, max_queue, dtype, name, max_model_len, threads,
+                            compile=compile_step)
     run_native(source.location if source.kind == "dir" else model, options)
 
 

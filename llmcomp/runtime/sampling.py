@@ -1,8 +1,10 @@
-"""Per-request sampling: temperature, nucleus (top-p), seeded generators and top-k logprobs.
+"""The one sampler: temperature, top-k, nucleus (top-p), seeded generators, top-k logprobs.
 
-Pure tensor functions so they can be tested against closed forms; the engine calls them once per
-sequence per step. Logprobs are reported from the model's raw distribution (before temperature
-and top-p), which is what OpenAI and vLLM report.
+Pure tensor functions so they can be tested against closed forms. The runtime samples a whole
+decode batch with :func:`sample_rows` (greedy rows in one argmax, the others with their own
+seeded generator), which the server, ``llmcomp bench`` and ``generate`` all go through.
+Logprobs are reported from the model's raw distribution (before temperature, top-k and top-p),
+which is what OpenAI and vLLM report.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + k alternatives
@@ -71,9 +74,20 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """Pick the next token id from a ``[vocab]`` logits row."""
     if params.greedy:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    probs = top_p_filter(probs, params.top_p)
+    scores = logits.float() / params.temperature
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = top_p_filter(torch.softmax(scores, dim=-1), params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """Next token for every row of ``logits [B, V]``: greedy rows share one argmax (one sync)."""
+    greedy = logits.argmax(dim=-1).tolist()
+    return [
+        greedy[i] if p.greedy else sample_token(logits[i], p, generators[i]) for i, p in enumerate(params)
+    ]
 
 
 def token_logprob(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:

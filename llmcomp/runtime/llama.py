@@ -1,0 +1,127 @@
+"""A lean forward for the Llama family (Llama, Mistral, Qwen2, SmolLM) over the slot KV cache.
+
+Why not the HF module graph: at batch 1 a 135M model's matmuls take a few milliseconds, and the
+HF forward spends as long again on mask building, cache bookkeeping and generic dispatch. This
+forward is the arithmetic only (gpt-fast style): embed, then per layer RMSNorm, q/k/v, RoPE from
+a precomputed table, a write into the slot cache, SDPA over the filled positions, o_proj, RMSNorm,
+SwiGLU MLP; final norm and head on the positions asked for. It calls the model's own projection
+modules, so ``QuantLinear`` (and any later module kind) runs unchanged, and it reads RoPE from
+the model's rotary embedding, so scaled RoPE variants match HF exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmcomp.runtime.kv_cache import SlotKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position alone
+LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def unsupported_reason(model: Any, max_len: int) -> str | None:
+    """Why the lean forward cannot run ``model`` (None when it can): the caller falls back to HF."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return "not a <Model>ForCausalLM with model.layers and lm_head"
+    for part in LAYER_PARTS:
+        if not all(_has_path(layer, part) for layer in inner.layers):
+            return f"a decoder layer has no {part}"
+    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
+    if rope_type not in POSITION_ONLY_ROPE:
+        return f"RoPE type {rope_type!r} depends on the sequence length"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < max_len:
+        return f"sliding-window attention ({window} < max length {max_len})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not SwiGLU's silu"
+    return None
+
+
+def _has_path(module: Any, path: str) -> bool:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return False
+    return True
+
+
+class LlamaForward:
+    """``forward(tokens, positions, key_positions, slot0)`` over rows ``slot0..slot0+B-1`` of the cache."""
+
+    def __init__(self, model: Any, cache: SlotKVCache) -> None:
+        config = model.config
+        inner = model.model
+        self.model = model
+        self.cache = cache
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        dtype = self.embed.weight.dtype
+        positions = torch.arange(cache.max_len, device=self.embed.weight.device)[None]
+        cos, sin = inner.rotary_emb(torch.ones(1, dtype=dtype, device=positions.device), positions)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
+
+    def _rms_norm(self, x: torch.Tensor, norm: Any) -> torch.Tensor:
+        # HF's order of operations (float32 statistics, cast back, then the weight) so logits match.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return norm.weight * h.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor, slot0: int = 0,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, V]`` at the last column of ``tokens [B, T]`` (or ``[B, len(logits_at)]``
+        at those columns). ``positions [B, T]`` are absolute positions in each row's slot; keys at
+        ``key_positions`` (``arange(L)``, L at least the largest position + 1) are attended causally.
+        Rows write their keys and values before attending, so padded rows (any position) are harmless
+        as long as their position is not one a live sequence has filled.
+        """
+        batch, steps = tokens.shape
+        rows = torch.arange(slot0, slot0 + batch, device=tokens.device)[:, None].expand(batch, steps)
+        length = key_positions.shape[0]
+        # [B, 1, T, L]: a query sees keys at or before its own position.
+        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]
+        cos = self.cos[positions][:, None]  # [B, 1, T, D]
+        sin = self.sin[positions][:, None]
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = self._rms_norm(x, layer.input_layernorm)
+            q = attn.q_proj(h).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(batch, steps, self.kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(batch, steps, self.kv_heads, self.head_dim)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+            key_cache, value_cache = self.cache.keys[i], self.cache.values[i]
+            key_cache[rows, :, positions] = k
+            value_cache[rows, :, positions] = v
+            keys = key_cache[slot0:slot0 + batch, :, :length]
+            values = value_cache[slot0:slot0 + batch, :, :length]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.num_heads)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim))
+            h = self._rms_norm(x, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        x = x[:, -1] if logits_at is None else x[:, logits_at]
+        return self.head(self._rms_norm(x, self.norm))

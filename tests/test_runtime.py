@@ -1,0 +1,163 @@
+"""The runtime (slot KV cache, lean Llama forward, runner) against full HF forwards in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import TINY_CONFIG, random_llama
+
+from llmcomp.runtime import ModelRunner, batch_buckets
+from llmcomp.runtime.llama import unsupported_reason
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_llama(0, torch.float64, vocab_size=VOCAB, **TINY_CONFIG)
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Reference: one HF forward over the whole sequence, no cache."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_chunked_prefill_then_decode_matches_full_forward(model, lean: bool) -> None:
+    ids = random_ids(13, 1)
+    runner = ModelRunner(model, max_batch_size=3, max_model_len=32, prefill_chunk=4, lean=lean)
+    assert runner.backend.startswith("lean" if lean else "hf")
+    ref = full_logits(model, ids)
+    torch.testing.assert_close(runner.prefill(2, ids[:9], logits_for_all=True), ref[:9], rtol=0, atol=1e-10)
+    for t in range(9, 13):  # slot 2 is the only sequence: move it to slot 0 first
+        if t == 9:
+            runner.move(2, 0)
+        logits = runner.decode([ids[t]])
+        torch.testing.assert_close(logits[0], ref[t], rtol=0, atol=1e-10)
+    assert runner.lengths[:3] == [13, 0, 0]
+
+
+def test_batched_decode_with_ragged_lengths_and_pad_rows(model) -> None:
+    """Three sequences of different lengths decode together in a bucket of 4 (one pad row)."""
+    seqs = [random_ids(n, 10 + n) for n in (5, 11, 8)]
+    runner = ModelRunner(model, max_batch_size=4, max_model_len=24)
+    assert runner.bucket(3) == 4
+    for slot, s in enumerate(seqs):
+        runner.prefill(slot, s[:-3])
+    for step in range(3, 0, -1):
+        logits = runner.decode([s[-step] for s in seqs])
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(logits[i], full_logits(model, s)[len(s) - step], rtol=0, atol=1e-10)
+
+
+def test_move_keeps_a_sequence_and_rewind_reuses_a_context(model) -> None:
+    context, a, b = random_ids(7, 3), random_ids(3, 4), random_ids(5, 5)
+    runner = ModelRunner(model, max_batch_size=2, max_model_len=16)
+    runner.prefill(1, context)
+    got_a = runner.prefill(1, a, logits_for_all=True)
+    runner.rewind(1, len(context))
+    got_b = runner.prefill(1, b, logits_for_all=True)
+    torch.testing.assert_close(got_a, full_logits(model, context + a)[7:], rtol=0, atol=1e-10)
+    torch.testing.assert_close(got_b, full_logits(model, context + b)[7:], rtol=0, atol=1e-10)
+    runner.move(1, 0)
+    assert runner.lengths == [12, 0]
+    nxt = random_ids(1, 6)
+    torch.testing.assert_close(runner.decode(nxt)[0], full_logits(model, context + b + nxt)[-1], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="rewind"):
+        runner.rewind(0, 20)
+
+
+def test_score_batch_continues_several_slots_in_one_forward(model) -> None:
+    contexts = [random_ids(n, 20 + n) for n in (4, 9)]
+    rows = [random_ids(6, 30), random_ids(2, 31)]
+    runner = ModelRunner(model, max_batch_size=3, max_model_len=20)
+    for slot, c in enumerate(contexts, start=1):
+        runner.prefill(slot, c)
+    out = runner.score_batch([1, 2], rows)
+    for c, r, got in zip(contexts, rows, out, strict=True):
+        torch.testing.assert_close(got, full_logits(model, c + r)[len(c):], rtol=0, atol=1e-10)
+    assert runner.lengths[1:] == [10, 11]
+    with pytest.raises(ValueError, match="consecutive"):
+        runner.score_batch([0, 2], rows)
+
+
+def test_length_limits_are_errors(model) -> None:
+    runner = ModelRunner(model, max_batch_size=1, max_model_len=8)
+    with pytest.raises(ValueError, match="maximum model length"):
+        runner.prefill(0, random_ids(9, 0))
+    runner.prefill(0, random_ids(8, 0))
+    with pytest.raises(ValueError, match="maximum model length"):
+        runner.decode([1])
+    with pytest.raises(ValueError, match="1..1"):
+        runner.decode([1, 2])
+
+
+def test_compiled_decode_matches_eager_across_lengths(model) -> None:
+    """One graph per bucket; the attended length is dynamic, so growing sequences do not recompile."""
+    ids = random_ids(12, 7)
+    eager = ModelRunner(model, max_batch_size=2, max_model_len=16)
+    compiled = ModelRunner(model, max_batch_size=2, max_model_len=16, compile=True, compile_backend="eager")
+    assert compiled.compiled
+    compiled.warm_up()
+    for runner in (eager, compiled):
+        runner.prefill(0, ids[:4])
+        runner.prefill(1, ids[:6])
+    torch._dynamo.utils.counters.clear()
+    for t in range(4, 10):
+        want = eager.decode([ids[t], ids[t + 2]])
+        torch.testing.assert_close(compiled.decode([ids[t], ids[t + 2]]), want, rtol=0, atol=1e-10)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing recompiled
+
+
+def test_buckets_and_unsupported_architectures(model) -> None:
+    assert batch_buckets(1) == [1] and batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(8) == [1, 2, 4, 8]
+    assert unsupported_reason(model, 64) is None
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32)).eval()
+    reason = unsupported_reason(gpt2, 32)
+    assert reason is not None and "gpt2" in reason
+    runner = ModelRunner(gpt2, max_batch_size=2, max_model_len=32)
+    assert runner.backend.startswith("hf") and runner.kv_cache_bytes == 0
+    ids = random_ids(6, 8)
+    runner.prefill(0, ids[:5])
+    with torch.no_grad():
+        ref = gpt2(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(runner.decode(ids[5:])[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_size_is_bounded_by_slots_times_length(model) -> None:
+    runner = ModelRunner(model, max_batch_size=3, max_model_len=40)
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    want = 2 * c.num_hidden_layers * 3 * c.num_key_value_heads * 41 * head_dim * 8  # float64, one spare position
+    assert runner.kv_cache_bytes == want
+
+
+def test_lean_forward_covers_qwen2_biases_and_mistral(model) -> None:
+    """Qwen2 has q/k/v biases, Mistral a sliding window (longer than the runner's length here)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(3)
+    models = [Qwen2ForCausalLM(Qwen2Config(**small)), MistralForCausalLM(MistralConfig(sliding_window=32, **small))]
+    for m in models:
+        m = m.double().eval()
+        with torch.no_grad():  # non-zero biases, so a forward that ignored them would fail
+            for layer in m.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    if proj.bias is not None:
+                        proj.bias.normal_()
+        runner = ModelRunner(m, max_batch_size=1, max_model_len=24)
+        assert runner.backend == "lean", runner.backend
+        ids = random_ids(10, 9)
+        runner.prefill(0, ids[:9])
+        torch.testing.assert_close(runner.decode(ids[9:])[0], full_logits(m, ids)[-1], rtol=0, atol=1e-10)
+    long_window = ModelRunner(models[1].double(), max_batch_size=1, max_model_len=64)
+    assert long_window.backend.startswith("hf") and "sliding" in long_window.backend
