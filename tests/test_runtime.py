@@ -161,3 +161,31 @@ def test_lean_forward_covers_qwen2_biases_and_mistral(model) -> None:
         torch.testing.assert_close(runner.decode(ids[9:])[0], full_logits(m, ids)[-1], rtol=0, atol=1e-10)
     long_window = ModelRunner(models[1].double(), max_batch_size=1, max_model_len=64)
     assert long_window.backend.startswith("hf") and "sliding" in long_window.backend
+
+
+def test_quantized_siblings_run_fused_and_match_hf(model) -> None:
+    """RTN int4 (one layout for q/k/v and gate/up): the lean forward fuses them into one call per
+    group, and its logits equal the HF graph running the same QuantLinear modules."""
+    import copy
+
+    from llmcomp.modules.quant_linear import QuantLinear
+    from llmcomp.passes import pass_registry
+    from llmcomp.passes.base import apply_to_layer
+    from llmcomp.runtime.fuse import fuse_quant_linears
+
+    quantized = copy.deepcopy(model).float()
+    cls = pass_registry()["rtn"]
+    rtn = cls(cls.Config.model_validate({"bits": 4, "group_size": 32, "symmetric": False}))
+    for i, layer in enumerate(quantized.model.layers):
+        apply_to_layer(rtn, layer, f"model.layers.{i}")
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, QuantLinear)
+    runner = ModelRunner(quantized, max_batch_size=2, max_model_len=16)
+    assert all(f is not None for f in runner.forward.qkv + runner.forward.gate_up)
+    ids = random_ids(9, 12)
+    runner.prefill(0, ids[:8])
+    with torch.no_grad():
+        ref = quantized(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(runner.decode(ids[8:])[0], ref, rtol=1e-5, atol=1e-5)
+    attn = quantized.model.layers[0].self_attn
+    assert fuse_quant_linears([attn.q_proj, quantized.model.layers[0].mlp.down_proj]) is None  # K differs
+    assert fuse_quant_linears([model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj]) is None

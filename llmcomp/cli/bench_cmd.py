@@ -88,8 +88,8 @@ def bench(
     tokens: int = typer.Option(64, help="new tokens generated per sequence"),
     dtype: str = typer.Option("bfloat16", help="activation dtype: bfloat16 (fast int4/int8 paths), float32, ..."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
-    modes: str = typer.Option("eager,compiled", help="eager, compiled (torch.compile per batch size; its time "
-                              "is reported apart) or both"),
+    modes: str = typer.Option("eager,compiled", help="comma list: eager and/or compiled (torch.compile once per "
+                              "batch size; compile time reported apart)"),
     warmup: int = typer.Option(1, help="short untimed runs before each measurement"),
     prompt: str = typer.Option(DEFAULT_PROMPT, help="prompt repeated over the batch"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),

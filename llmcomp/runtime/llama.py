@@ -5,8 +5,9 @@ HF forward spends as long again on mask building, cache bookkeeping and generic 
 forward is the arithmetic only (gpt-fast style): embed, then per layer RMSNorm, q/k/v, RoPE from
 a precomputed table, a write into the slot cache, SDPA over the filled positions, o_proj, RMSNorm,
 SwiGLU MLP; final norm and head on the positions asked for. It calls the model's own projection
-modules, so ``QuantLinear`` (and any later module kind) runs unchanged, and it reads RoPE from
-the model's rotary embedding, so scaled RoPE variants match HF exactly.
+modules, so ``QuantLinear`` (and any later module kind) runs unchanged (quantized q/k/v and
+gate/up siblings with one layout run as one fused call, :mod:`llmcomp.runtime.fuse`), and it reads
+RoPE from the model's rotary embedding, so scaled RoPE variants match HF exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmcomp.runtime.fuse import fuse_quant_linears
 from llmcomp.runtime.kv_cache import SlotKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -74,6 +76,10 @@ class LlamaForward:
         positions = torch.arange(cache.max_len, device=self.embed.weight.device)[None]
         cos, sin = inner.rotary_emb(torch.ones(1, dtype=dtype, device=positions.device), positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
+        self.qkv = [fuse_quant_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                    for layer in self.layers]
+        self.gate_up = [fuse_quant_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+        self.qkv_sizes = [self.num_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
 
     def _rms_norm(self, x: torch.Tensor, norm: Any) -> torch.Tensor:
         # HF's order of operations (float32 statistics, cast back, then the weight) so logits match.
@@ -107,9 +113,13 @@ class LlamaForward:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self._rms_norm(x, layer.input_layernorm)
-            q = attn.q_proj(h).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, steps, self.kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(batch, steps, self.kv_heads, self.head_dim)
+            if (qkv := self.qkv[i]) is not None:
+                q, k, v = qkv(h).split(self.qkv_sizes, dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.reshape(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(batch, steps, self.kv_heads, self.head_dim)
+            v = v.reshape(batch, steps, self.kv_heads, self.head_dim)
             q = self._rope(q, cos, sin)
             k = self._rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
             key_cache, value_cache = self.cache.keys[i], self.cache.values[i]
@@ -122,6 +132,10 @@ class LlamaForward:
             x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim))
             h = self._rms_norm(x, layer.post_attention_layernorm)
             mlp = layer.mlp
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+            if (gate_up := self.gate_up[i]) is not None:
+                gate, up = gate_up(h).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         x = x[:, -1] if logits_at is None else x[:, logits_at]
         return self.head(self._rms_norm(x, self.norm))
