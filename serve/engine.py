@@ -134,9 +134,7 @@ class Engine:
             progress(f"runtime: {self.runner.backend} forward, KV cache {max_batch_size} slots x "
                      f"{self.context_length} tokens = {self.runner.kv_cache_bytes / 2**20:.0f} MiB")
         if self.runner.compiled:
-            seconds = self.runner.warm_up(progress=(lambda m: progress(f"compiling {m}")) if progress else None)
-            if progress is not None:
-                progress(f"compiled the decode step ({len(self.runner.buckets)} batch sizes) in {seconds:.1f} s")
+            self._compile(progress)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -146,6 +144,18 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llmcomp-engine", daemon=True)
         self._thread.start()
+
+    def _compile(self, progress: Callable[[str], None] | None) -> None:
+        """Compile every batch bucket now, so no request pays for it; eager decode if it fails."""
+        say = progress or log.info
+        try:
+            seconds = self.runner.warm_up(progress=lambda m: say(f"compiling {m}"))
+        except Exception as exc:  # e.g. no C++ compiler for inductor: serving still works, eagerly
+            self.runner.disable_compile()
+            say(f"compiling the decode step failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "decoding eagerly")
+            return
+        say(f"compiled the decode step ({len(self.runner.buckets)} batch sizes) in {seconds:.1f} s")
 
     # -- public API ---------------------------------------------------------------------------
     @property

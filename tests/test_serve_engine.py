@@ -245,3 +245,23 @@ def test_engine_rejects_a_prompt_longer_than_the_context(tiny_model, tokenizer):
         assert res.finish_reason == "length" and len(res.token_ids) == 3  # 5 + 3 fills the 8 positions
     finally:
         engine.close()
+
+
+def test_failed_compile_falls_back_to_eager(tiny_model, tokenizer, monkeypatch):
+    """A machine without a working compiler still serves: one progress line, then eager decode."""
+    from llmcomp.runtime import runner as runner_module
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("simulated: no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(runner_module.torch, "compile", broken_compile)
+    lines: list[str] = []
+    engine = Engine(tiny_model, tokenizer, max_batch_size=2, compile=True, progress=lines.append)
+    try:
+        assert not engine.runner.compiled and any("decoding eagerly" in line for line in lines)
+        res = engine.generate(tokenizer(PROMPTS[0]).input_ids, SamplingParams(max_tokens=4, temperature=0), 30)
+        assert res.token_ids == hf_greedy(tiny_model, tokenizer, PROMPTS[0], 4)
+    finally:
+        engine.close()

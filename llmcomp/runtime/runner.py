@@ -226,6 +226,11 @@ class ModelRunner:
             self.lengths[i] += 1
         return logits[:n]
 
+    def disable_compile(self) -> None:
+        """Decode eagerly from now on (e.g. when compiling failed: no C++ toolchain)."""
+        self.compiled = False
+        self._decode_fn = self._decode_eager
+
     def is_warm(self, batch: int) -> bool:
         """Whether the decode step of ``batch``'s bucket has run (compiled) already."""
         return self.bucket(batch) in self._warm
