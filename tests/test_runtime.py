@@ -189,3 +189,27 @@ def test_quantized_siblings_run_fused_and_match_hf(model) -> None:
     attn = quantized.model.layers[0].self_attn
     assert fuse_quant_linears([attn.q_proj, quantized.model.layers[0].mlp.down_proj]) is None  # K differs
     assert fuse_quant_linears([model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj]) is None
+
+
+def test_compiled_quantized_step_is_one_graph_per_bucket(model) -> None:
+    """Kernel selection and repacking run eagerly first, so dynamo captures each bucket's step
+    whole: no graph break, no recompilation per weight shape."""
+    import copy
+
+    from llmcomp.passes import pass_registry
+    from llmcomp.passes.base import apply_to_layer
+
+    quantized = copy.deepcopy(model).float()
+    cls = pass_registry()["rtn"]
+    rtn = cls(cls.Config.model_validate({"bits": 8, "group_size": -1}))
+    for i, layer in enumerate(quantized.model.layers):
+        apply_to_layer(rtn, layer, f"model.layers.{i}")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runner = ModelRunner(quantized, max_batch_size=2, max_model_len=16, compile=True, compile_backend="eager")
+    runner.warm_up()
+    runner.prefill(0, random_ids(5, 2))
+    for t in range(3):
+        runner.decode([t + 1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # buckets 1 and 2
+    assert not torch._dynamo.utils.counters["graph_break"]

@@ -82,6 +82,7 @@ class ModelRunner:
         if self.buckets[-1] != max_batch_size or self.buckets[0] < 1:
             raise ValueError(f"batch buckets {self.buckets} must lie in 1..{max_batch_size} and end at it")
         self._warm: set[int] = set()
+        self._prepared = False  # whether one eager step has run (kernel state built) before compiling
         self.prefill_chunk = prefill_chunk
         self.lengths = [0] * max_batch_size  # filled positions per slot
         self.vocab_size = int(model.config.vocab_size)
@@ -220,6 +221,11 @@ class ModelRunner:
         key_positions = torch.arange(attended, device=self.device)
         if self.compiled:
             torch._dynamo.mark_dynamic(key_positions, 0, min=2, max=self.max_len)
+        if self.compiled and not self._prepared:
+            # Kernels pick and repack their weights on the first call (imports, caches): do that
+            # eagerly, or dynamo breaks the graph there and recompiles per weight shape.
+            self._decode_eager(tokens, positions, key_positions)
+            self._prepared = True
         logits = self._decode_fn(tokens, positions, key_positions)
         self._warm.add(b)
         for i in range(n):
