@@ -35,7 +35,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from llmcomp import intquant
 from llmcomp.kernels.dispatch import QuantLayout, QuantTensors, select_kernel
 from llmcomp.scheme import IntAffineSpec
-from llmcomp.serve.vllm_spec import QUANT_METHOD, LinearQuantSpec, layer_spec, parse_modules
+from llmcomp.serve.vllm_spec import QUANT_METHOD, LinearQuantSpec, layer_spec, parse_modules, vocab_layer_message
 
 MIN_CUDA_CAPABILITY = 70  # Triton kernels need Volta or newer; vLLM ignores this on CPU
 
@@ -82,7 +82,7 @@ class LlmcompConfig(QuantizationConfig):
             spec = layer_spec(prefix, self.modules, self.packed_modules_mapping)
             return UnquantizedLinearMethod() if spec is None else LlmcompLinearMethod(spec, prefix)
         if isinstance(layer, VocabParallelEmbedding) and prefix in self.modules:
-            raise ValueError(f"{prefix} is quantized, but the vLLM plugin runs quantized linear layers only")
+            raise ValueError(vocab_layer_message(prefix))
         return None
 
 

@@ -91,6 +91,16 @@ def layer_spec(
     return LinearQuantSpec(bits, group, symmetric, in_features)
 
 
+# Modules vLLM builds as vocab-parallel embeddings/heads, not linear layers: the plugin cannot quantize them.
+VOCAB_LAYERS = ("lm_head", "embed_tokens")
+
+
+def vocab_layer_message(name: str) -> str:
+    return (f"{name} is quantized, but the vLLM plugin runs quantized linear layers only (vLLM's output head "
+            "and embeddings are vocab-parallel layers): serve it with --engine native, or compress without "
+            "lm_head: true for vLLM")
+
+
 def check_checkpoint(config: dict[str, Any], fusions: dict[str, list[str]] | None = None) -> int:
     """Validate a checkpoint's ``quantization_config`` for vLLM; returns the quantized module count.
 
@@ -98,6 +108,9 @@ def check_checkpoint(config: dict[str, Any], fusions: dict[str, list[str]] | Non
     """
     fusions = COMMON_FUSIONS if fusions is None else fusions
     modules = parse_modules(config)
+    for name in modules:
+        if name.rpartition(".")[2] in VOCAB_LAYERS:
+            raise ValueError(vocab_layer_message(name))
     shard_to_fused = {shard: fused for fused, shards in fusions.items() for shard in shards}
     seen = set()
     for name in modules:

@@ -75,3 +75,12 @@ def test_check_checkpoint_walks_every_fused_group():
     modules["model.layers.1.mlp.up_proj"] = spec(bits=2, out_features=1536)
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.gate_up_proj"):
         check_checkpoint(config(modules))
+
+
+def test_quantized_output_head_is_refused_before_vllm_starts():
+    """vLLM builds lm_head as a vocab-parallel layer the plugin cannot run: one line, naming the fix."""
+    modules = {f"{ATTN}.{n}": spec() for n in ("q_proj", "k_proj", "v_proj")}
+    assert check_checkpoint(config(modules)) == 3
+    modules["lm_head"] = spec(bits=8, group_size=-1, symmetric=True, out_features=49152)
+    with pytest.raises(ValueError, match="lm_head is quantized.*--engine native.*without lm_head: true"):
+        check_checkpoint(config(modules))
