@@ -1,9 +1,10 @@
 """Native inference engine: continuous batching on the runtime's slot KV cache, on one thread.
 
-One thread owns the model (a :class:`~llmcomp.runtime.ModelRunner`). Each iteration it spends a
-bounded prefill budget (``prefill_chunk`` prompt tokens) on admitting waiting requests, chunk by
-chunk, so a long prompt never stalls the running streams for more than one chunk; then it runs one
-batched decode step for every live sequence. Live sequences occupy slots ``0..n-1``; one that
+One thread owns the model (a :class:`~llmcomp.runtime.ModelRunner`). Each iteration runs one
+batched decode step for every live sequence; while a request waits, the next chunk of its prompt
+(at most ``prefill_chunk`` tokens) rides in the same forward, so admitting a request neither
+stalls the running streams nor costs a forward of its own. With no live sequence, waiting prompts
+are prefilled on their own, chunk by chunk. Live sequences occupy slots ``0..n-1``; one that
 finishes or is cancelled frees its slot at once (the last live slot moves into it), so the next
 waiting request starts on the following iteration. The waiting queue is bounded:
 :meth:`Engine.submit` raises :class:`QueueFullError` instead of buffering without limit. Results
@@ -228,9 +229,13 @@ class Engine:
                         break
                 try:
                     self._drop_cancelled()
-                    self._prefill_step()
-                    if self._active:
-                        self._decode_step()
+                    seq = self._next_to_prefill() if self._active else None
+                    if seq is not None and not seq.cancelled and len(seq.prompt_ids) < self.context_length:
+                        self._mixed_step(seq)
+                    else:
+                        self._prefill_step()
+                        if self._active:
+                            self._decode_step()
                 except Exception as exc:  # keep serving: fail what was in flight, reset the slots
                     log.exception("engine step failed")
                     self._fail_all(f"{type(exc).__name__}: {exc}")
@@ -271,8 +276,29 @@ class Engine:
             else:
                 self._active.append(seq)
 
+    def _mixed_step(self, seq: _Sequence) -> None:
+        """The running streams' decode step and the next prompt chunk of ``seq`` in one forward."""
+        slot = len(self._active)
+        if seq.prefilled == 0:
+            self.runner.free(slot)
+        chunk = seq.prompt_ids[seq.prefilled:seq.prefilled + self.runner.prefill_chunk]
+        logits, last = self.runner.decode_with_prefill([s.output_ids[-1] for s in self._active], slot, chunk)
+        seq.prefilled += len(chunk)
+        self._consume_decode(logits)  # may free slots: the half-prefilled prompt follows them down
+        if seq.prefilled < len(seq.prompt_ids):
+            return
+        self._prefilling = None
+        token = sample_rows(last[None], [seq.params], [seq.generator])[0]
+        if self._append_token(seq, last, token):
+            self.runner.free(len(self._active))
+        else:
+            self._active.append(seq)
+
     def _decode_step(self) -> None:
-        logits = self.runner.decode([s.output_ids[-1] for s in self._active])
+        self._consume_decode(self.runner.decode([s.output_ids[-1] for s in self._active]))
+
+    def _consume_decode(self, logits: torch.Tensor) -> None:
+        """Sample and emit one token per live sequence, then free the slots of finished ones."""
         tokens = sample_rows(logits, [s.params for s in self._active], [s.generator for s in self._active])
         finished = []
         for i, seq in enumerate(self._active):

@@ -213,3 +213,22 @@ def test_compiled_quantized_step_is_one_graph_per_bucket(model) -> None:
         runner.decode([t + 1])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # buckets 1 and 2
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_decode_with_prefill_matches_separate_forwards(model, lean: bool) -> None:
+    """A decode step of two sequences fused with a 5-token prefill chunk (the second chunk of a
+    prompt) gives the logits of full forwards for all three."""
+    seqs = [random_ids(n, 40 + n) for n in (6, 9)]
+    prompt = random_ids(12, 50)
+    runner = ModelRunner(model, max_batch_size=4, max_model_len=24, lean=lean)
+    for slot, s in enumerate(seqs):
+        runner.prefill(slot, s[:-1])
+    runner.prefill(2, prompt[:7])
+    dec, last = runner.decode_with_prefill([s[-1] for s in seqs], 2, prompt[7:12])
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(dec[i], full_logits(model, s)[-1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(last, full_logits(model, prompt)[-1], rtol=0, atol=1e-10)
+    assert runner.lengths[:3] == [6, 9, 12]
+    with pytest.raises(ValueError, match="free slot"):
+        runner.decode_with_prefill([1, 2, 3], 1, [4])

@@ -112,11 +112,7 @@ class LlamaForward:
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = self._rms_norm(x, layer.input_layernorm)
-            if (qkv := self.qkv[i]) is not None:
-                q, k, v = qkv(h).split(self.qkv_sizes, dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = self._qkv(i, self._rms_norm(x, layer.input_layernorm))
             q = q.reshape(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.reshape(batch, steps, self.kv_heads, self.head_dim)
             v = v.reshape(batch, steps, self.kv_heads, self.head_dim)
@@ -130,12 +126,64 @@ class LlamaForward:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=self.kv_heads != self.num_heads)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, self.num_heads * self.head_dim))
-            h = self._rms_norm(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            if (gate_up := self.gate_up[i]) is not None:
-                gate, up = gate_up(h).chunk(2, dim=-1)
-            else:
-                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+            x = x + self._mlp(i, self._rms_norm(x, layer.post_attention_layernorm))
         x = x[:, -1] if logits_at is None else x[:, logits_at]
         return self.head(self._rms_norm(x, self.norm))
+
+    def _qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of layer ``i`` (one fused call when the siblings share a layout)."""
+        if (qkv := self.qkv[i]) is not None:
+            q, k, v = qkv(h).split(self.qkv_sizes, dim=-1)
+            return q, k, v
+        attn = self.layers[i].self_attn
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[i].mlp
+        if (gate_up := self.gate_up[i]) is not None:
+            gate, up = gate_up(h).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def mixed(self, dec_tokens: torch.Tensor, dec_positions: torch.Tensor, chunk: torch.Tensor, slot: int,
+              start: int) -> torch.Tensor:
+        """One forward for a decode step of slots ``0..n-1`` *and* a prefill chunk of ``slot``.
+
+        Why: the projections and the MLP run once on all ``n + T`` rows (a weight-only matmul costs
+        little more for a few more rows), instead of a separate prefill forward that stalls the
+        running streams. Attention is computed per part: decode rows over their slots, the chunk
+        causally over its own slot. Returns logits ``[n + 1, V]``: each decode row, then the
+        chunk's last token.
+        """
+        n, steps = dec_tokens.shape[0], chunk.shape[0]
+        device = chunk.device
+        chunk_positions = torch.arange(start, start + steps, device=device)
+        positions = torch.cat([dec_positions, chunk_positions])
+        rows = torch.cat([torch.arange(n, device=device), torch.full((steps,), slot, device=device)])
+        dec_keys = torch.arange(int(dec_positions.max()) + 1, device=device)
+        dec_mask = (dec_keys[None, :] <= dec_positions[:, None])[:, None, None]  # [n, 1, 1, L]
+        chunk_keys = torch.arange(start + steps, device=device)
+        chunk_mask = (chunk_keys[None, :] <= chunk_positions[:, None])[None, None]  # [1, 1, T, L']
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, D]
+        gqa = self.kv_heads != self.num_heads
+        x = self.embed(torch.cat([dec_tokens, chunk]))  # [N, H]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(i, self._rms_norm(x, layer.input_layernorm))
+            q = self._rope(q.reshape(-1, self.num_heads, self.head_dim), cos, sin)
+            k = self._rope(k.reshape(-1, self.kv_heads, self.head_dim), cos, sin)
+            key_cache, value_cache = self.cache.keys[i], self.cache.values[i]
+            key_cache[rows, :, positions] = k
+            value_cache[rows, :, positions] = v.reshape(-1, self.kv_heads, self.head_dim)
+            length = dec_keys.shape[0]
+            dec = F.scaled_dot_product_attention(
+                q[:n, :, None], key_cache[:n, :, :length], value_cache[:n, :, :length], attn_mask=dec_mask,
+                enable_gqa=gqa)  # [n, heads, 1, D]
+            pre = F.scaled_dot_product_attention(
+                q[n:].transpose(0, 1)[None], key_cache[slot:slot + 1, :, :start + steps],
+                value_cache[slot:slot + 1, :, :start + steps], attn_mask=chunk_mask, enable_gqa=gqa)  # [1, h, T, D]
+            out = torch.cat([dec[:, :, 0], pre[0].transpose(0, 1)])  # [N, heads, D]
+            x = x + layer.self_attn.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+            x = x + self._mlp(i, self._rms_norm(x, layer.post_attention_layernorm))
+        picked = torch.cat([x[:n], x[-1:]])
+        return self.head(self._rms_norm(picked, self.norm))

@@ -237,6 +237,33 @@ class ModelRunner:
         self.compiled = False
         self._decode_fn = self._decode_eager
 
+    @torch.inference_mode()
+    def decode_with_prefill(
+        self, last_tokens: list[int], slot: int, chunk: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step for slots ``0..n-1`` and a prefill chunk of ``slot`` in one forward.
+
+        Returns the decode logits ``[n, V]`` and the logits after the chunk's last token ``[V]``.
+        Eager (the chunk length varies); the HF fallback runs the two parts one after the other.
+        """
+        n = len(last_tokens)
+        if not 0 < n <= self.max_batch_size or not n <= slot < self.max_batch_size:
+            raise ValueError(f"decode_with_prefill needs 1..{self.max_batch_size} sequences and a free slot")
+        if not chunk or self.lengths[slot] + len(chunk) > self.max_len:
+            raise ValueError(f"the chunk must hold 1..{self.max_len - self.lengths[slot]} tokens")
+        if any(self.lengths[i] >= self.max_len for i in range(n)):
+            raise ValueError(f"a sequence reached the maximum model length {self.max_len}")
+        if not isinstance(self.forward, LlamaForward):
+            return self.decode(last_tokens), self.prefill_chunk_at(slot, chunk)
+        logits = self.forward.mixed(
+            torch.tensor(last_tokens, dtype=torch.long, device=self.device),
+            torch.tensor(self.lengths[:n], device=self.device),
+            torch.tensor(chunk, dtype=torch.long, device=self.device), slot, self.lengths[slot])
+        for i in range(n):
+            self.lengths[i] += 1
+        self.lengths[slot] += len(chunk)
+        return logits[:n], logits[n]
+
     def is_warm(self, batch: int) -> bool:
         """Whether the decode step of ``batch``'s bucket has run (compiled) already."""
         return self.bucket(batch) in self._warm
