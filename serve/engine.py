@@ -1,12 +1,12 @@
 """Native inference engine: continuous batching on the runtime's slot KV cache, on one thread.
 
-One thread owns the model (a :class:`~llmcomp.runtime.ModelRunner`). Each iteration runs one
-batched decode step for every live sequence; while a request waits, the next chunk of its prompt
-(at most ``prefill_chunk`` tokens) rides in the same forward, so admitting a request neither
-stalls the running streams nor costs a forward of its own. With no live sequence, waiting prompts
-are prefilled on their own, chunk by chunk. Live sequences occupy slots ``0..n-1``; one that
-finishes or is cancelled frees its slot at once (the last live slot moves into it), so the next
-waiting request starts on the following iteration. The waiting queue is bounded:
+One thread owns the model (a :class:`~llmcomp.runtime.ModelRunner`). Each iteration is one
+forward: a decode step for every live sequence plus up to ``prefill_chunk`` prompt tokens of the
+requests waiting to start (several short prompts at once, or one chunk of a long one), so
+admitting requests neither stalls the running streams nor costs forwards of their own. Live
+sequences occupy slots ``0..n-1``; one that finishes or is cancelled frees its slot at once (the
+last live slot moves into it), so the next waiting request starts on the following iteration.
+The waiting queue is bounded:
 :meth:`Engine.submit` raises :class:`QueueFullError` instead of buffering without limit. Results
 are pushed to a per-request ``sink`` callable, which lets the HTTP layer bridge into asyncio and
 lets tests and scripts block on a plain queue.
@@ -140,7 +140,7 @@ class Engine:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
-        self._prefilling: _Sequence | None = None  # taken from _waiting, prompt partly in its slot
+        self._prefilling: list[_Sequence] = []  # taken from _waiting, prompts (partly) in the next slots
         self._active: list[_Sequence] = []  # index == KV slot
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llmcomp-engine", daemon=True)
@@ -184,7 +184,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosedError("engine is shut down")
-            free_slots = self.max_batch_size - len(self._active) - (self._prefilling is not None)
+            free_slots = self.max_batch_size - len(self._active) - len(self._prefilling)
             if len(self._waiting) + len(seqs) > self.max_queue + max(free_slots, 0):
                 raise QueueFullError(len(self._waiting), self.max_queue)
             self._waiting.extend(seqs)
@@ -223,79 +223,78 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._active and self._prefilling is None:
+                    while not self._closed and not self._waiting and not self._active and not self._prefilling:
                         self._cond.wait()
                     if self._closed:
                         break
                 try:
                     self._drop_cancelled()
-                    seq = self._next_to_prefill() if self._active else None
-                    if seq is not None and not seq.cancelled and len(seq.prompt_ids) < self.context_length:
-                        self._mixed_step(seq)
-                    else:
-                        self._prefill_step()
-                        if self._active:
-                            self._decode_step()
+                    self._step()
                 except Exception as exc:  # keep serving: fail what was in flight, reset the slots
                     log.exception("engine step failed")
                     self._fail_all(f"{type(exc).__name__}: {exc}")
         self._fail_all("engine is shut down", list(self._waiting))
 
-    def _next_to_prefill(self) -> _Sequence | None:
-        with self._cond:
-            if self._prefilling is None and self._waiting and len(self._active) < self.max_batch_size:
-                self._prefilling = self._waiting.popleft()
-            return self._prefilling
-
-    def _prefill_step(self) -> None:
-        """Spend at most one chunk of prompt tokens on the sequences waiting to start."""
-        budget = self.runner.prefill_chunk
-        while budget > 0 and (seq := self._next_to_prefill()) is not None:
-            slot = len(self._active)
+    def _plan_prefill(self) -> list[tuple[_Sequence, list[int]]]:
+        """Prompt chunks for this step: waiting sequences take the slots after the live ones, in
+        order, until ``prefill_chunk`` tokens are planned (only the last chunk can be partial)."""
+        budget, parts, index = self.runner.prefill_chunk, [], 0
+        while budget > 0:
+            if index == len(self._prefilling):
+                with self._cond:
+                    if not self._waiting or len(self._active) + len(self._prefilling) >= self.max_batch_size:
+                        break
+                    self._prefilling.append(self._waiting.popleft())
+            seq = self._prefilling[index]
             if seq.cancelled or len(seq.prompt_ids) >= self.context_length:
-                self.runner.free(slot)
+                self._drop_prefilling(index)
                 if seq.cancelled:
                     self._finish(seq, "", [], [], "cancelled")
                 else:
                     self._finish(seq, "", [], [], "error", error=f"the prompt has {len(seq.prompt_ids)} tokens; "
                                  f"the maximum context is {self.context_length}")
-                self._prefilling = None
                 continue
             if seq.prefilled == 0:
-                self.runner.free(slot)
+                self.runner.free(len(self._active) + index)
             chunk = seq.prompt_ids[seq.prefilled:seq.prefilled + budget]
-            logits = self.runner.prefill_chunk_at(slot, chunk)
-            seq.prefilled += len(chunk)
+            parts.append((seq, chunk))
             budget -= len(chunk)
-            if seq.prefilled < len(seq.prompt_ids):
-                return  # the rest next iteration, after a decode step for the running streams
-            self._prefilling = None
-            token = sample_rows(logits[None], [seq.params], [seq.generator])[0]
-            if self._append_token(seq, logits, token):
-                self.runner.free(slot)
-            else:
-                self._active.append(seq)
+            index += 1
+        return parts
 
-    def _mixed_step(self, seq: _Sequence) -> None:
-        """The running streams' decode step and the next prompt chunk of ``seq`` in one forward."""
-        slot = len(self._active)
-        if seq.prefilled == 0:
-            self.runner.free(slot)
-        chunk = seq.prompt_ids[seq.prefilled:seq.prefilled + self.runner.prefill_chunk]
-        logits, last = self.runner.decode_with_prefill([s.output_ids[-1] for s in self._active], slot, chunk)
-        seq.prefilled += len(chunk)
-        self._consume_decode(logits)  # may free slots: the half-prefilled prompt follows them down
-        if seq.prefilled < len(seq.prompt_ids):
+    def _step(self) -> None:
+        """One forward: a decode step of the live sequences plus the planned prompt chunks."""
+        parts = self._plan_prefill()
+        if not parts:
+            if self._active:
+                self._consume_decode(self.runner.decode([s.output_ids[-1] for s in self._active]))
             return
-        self._prefilling = None
-        token = sample_rows(last[None], [seq.params], [seq.generator])[0]
-        if self._append_token(seq, last, token):
-            self.runner.free(len(self._active))
-        else:
-            self._active.append(seq)
+        first = len(self._active)
+        logits, lasts = self.runner.decode_with_prefill(
+            [s.output_ids[-1] for s in self._active], [(first + i, chunk) for i, (_, chunk) in enumerate(parts)])
+        for seq, chunk in parts:
+            seq.prefilled += len(chunk)
+        if self._active:
+            self._consume_decode(logits)  # may free slots: the prompts being prefilled follow them down
+        for (seq, _), last in zip(parts, lasts, strict=True):
+            if seq.prefilled < len(seq.prompt_ids):
+                break  # only the last chunk can be partial
+            assert self._prefilling[0] is seq
+            token = sample_rows(last[None], [seq.params], [seq.generator])[0]
+            if self._append_token(seq, last, token):
+                self._drop_prefilling(0)
+            else:
+                self._prefilling.pop(0)
+                self._active.append(seq)  # its slot is len(active): the first after the live ones
 
-    def _decode_step(self) -> None:
-        self._consume_decode(self.runner.decode([s.output_ids[-1] for s in self._active]))
+    def _drop_prefilling(self, index: int) -> None:
+        """Remove a prefilling sequence; the ones after it move down one slot (those with data)."""
+        self._prefilling.pop(index)
+        base = len(self._active)
+        self.runner.free(base + index)
+        for j in range(index, len(self._prefilling)):
+            if self._prefilling[j].prefilled:
+                self.runner.move(base + j + 1, base + j)
 
     def _consume_decode(self, logits: torch.Tensor) -> None:
         """Sample and emit one token per live sequence, then free the slots of finished ones."""
@@ -317,10 +316,10 @@ class Engine:
             self._active[i] = self._active[last]
             self._active.pop()
             self.runner.free(last)
-        if indices and self._prefilling is not None and self._prefilling.prefilled:
-            # A half-prefilled prompt sits just after the live slots: follow them down.
-            old = len(self._active) + len(indices)
-            self.runner.move(old, len(self._active))
+        if indices:  # prompts being prefilled sit just after the live slots: follow them down
+            for j, seq in enumerate(self._prefilling):
+                if seq.prefilled:
+                    self.runner.move(len(self._active) + len(indices) + j, len(self._active) + j)
 
     def _drop_cancelled(self) -> None:
         cancelled = [i for i, s in enumerate(self._active) if s.cancelled]
@@ -358,11 +357,11 @@ class Engine:
         seq.sink(RequestOutput(text, ids, lps, True, reason, len(seq.prompt_ids), len(seq.output_ids), error))
 
     def _fail_all(self, message: str, extra: list[_Sequence] | None = None) -> None:
-        pending = [*self._active, *([self._prefilling] if self._prefilling else []), *(extra or [])]
+        pending = [*self._active, *self._prefilling, *(extra or [])]
         for seq in pending:
             if not seq.done:
                 self._finish(seq, "", [], [], "error", error=message)
-        self._active, self._prefilling = [], None
+        self._active, self._prefilling = [], []
         for slot in range(self.max_batch_size):
             self.runner.free(slot)
 

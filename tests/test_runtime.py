@@ -217,18 +217,28 @@ def test_compiled_quantized_step_is_one_graph_per_bucket(model) -> None:
 
 @pytest.mark.parametrize("lean", [True, False])
 def test_decode_with_prefill_matches_separate_forwards(model, lean: bool) -> None:
-    """A decode step of two sequences fused with a 5-token prefill chunk (the second chunk of a
-    prompt) gives the logits of full forwards for all three."""
+    """A decode step of two sequences fused with two prefill chunks (the second chunk of one
+    prompt, the whole of another) gives the logits of full forwards for all four."""
     seqs = [random_ids(n, 40 + n) for n in (6, 9)]
-    prompt = random_ids(12, 50)
+    prompt, short = random_ids(12, 50), random_ids(4, 51)
     runner = ModelRunner(model, max_batch_size=4, max_model_len=24, lean=lean)
     for slot, s in enumerate(seqs):
         runner.prefill(slot, s[:-1])
     runner.prefill(2, prompt[:7])
-    dec, last = runner.decode_with_prefill([s[-1] for s in seqs], 2, prompt[7:12])
+    dec, lasts = runner.decode_with_prefill([s[-1] for s in seqs], [(2, prompt[7:12]), (3, short)])
     for i, s in enumerate(seqs):
         torch.testing.assert_close(dec[i], full_logits(model, s)[-1], rtol=0, atol=1e-10)
-    torch.testing.assert_close(last, full_logits(model, prompt)[-1], rtol=0, atol=1e-10)
-    assert runner.lengths[:3] == [6, 9, 12]
+    torch.testing.assert_close(lasts[0], full_logits(model, prompt)[-1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(lasts[1], full_logits(model, short)[-1], rtol=0, atol=1e-10)
+    assert runner.lengths == [6, 9, 12, 4]
     with pytest.raises(ValueError, match="free slot"):
-        runner.decode_with_prefill([1, 2, 3], 1, [4])
+        runner.decode_with_prefill([1, 2, 3], [(1, [4])])
+
+
+def test_prefill_chunks_without_decode_rows(model) -> None:
+    runner = ModelRunner(model, max_batch_size=2, max_model_len=16)
+    a, b = random_ids(5, 60), random_ids(3, 61)
+    dec, lasts = runner.decode_with_prefill([], [(0, a), (1, b)])
+    assert dec.shape[0] == 0
+    torch.testing.assert_close(lasts[0], full_logits(model, a)[-1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(lasts[1], full_logits(model, b)[-1], rtol=0, atol=1e-10)

@@ -268,3 +268,28 @@ def test_failed_compile_falls_back_to_eager(tiny_model, tokenizer, monkeypatch):
         assert res.token_ids == hf_greedy(tiny_model, tokenizer, PROMPTS[0], 4)
     finally:
         engine.close()
+
+
+def test_simultaneous_short_prompts_are_admitted_in_one_forward(tiny_model, tokenizer):
+    """Four requests arriving together start in one forward (their prompts share one step), and
+    each still equals HF's greedy continuation."""
+    refs = [hf_greedy(tiny_model, tokenizer, p, 5) for p in PROMPTS]
+    engine = Engine(tiny_model, tokenizer, max_batch_size=4, max_queue=8)
+    forwards: list[int] = []
+    hook = tiny_model.model.embed_tokens.register_forward_hook(lambda m, args, out: forwards.append(args[0].numel()))
+    events: list[queue.Queue] = [queue.Queue() for _ in PROMPTS]
+    try:
+        engine.submit_many([(tokenizer(p).input_ids, SamplingParams(max_tokens=5, temperature=0), q.put)
+                            for p, q in zip(PROMPTS, events, strict=True)])
+        outs = []
+        for q in events:
+            ids = []
+            while not (ev := q.get(timeout=60)).finished:
+                ids.extend(ev.token_ids)
+            outs.append(ids + ev.token_ids)
+    finally:
+        hook.remove()
+        engine.close()
+    assert outs == refs
+    assert forwards[0] == sum(len(tokenizer(p).input_ids) for p in PROMPTS)  # all four prompts at once
+    assert len(forwards) == 5  # then four decode steps for the four sequences together

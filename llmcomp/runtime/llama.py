@@ -146,28 +146,34 @@ class LlamaForward:
             gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
-    def mixed(self, dec_tokens: torch.Tensor, dec_positions: torch.Tensor, chunk: torch.Tensor, slot: int,
-              start: int) -> torch.Tensor:
-        """One forward for a decode step of slots ``0..n-1`` *and* a prefill chunk of ``slot``.
+    def mixed(self, dec_tokens: torch.Tensor, dec_positions: torch.Tensor,
+              parts: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+        """One forward for a decode step of slots ``0..n-1`` (``n`` may be 0) *and* prefill chunks
+        ``parts = [(slot, start, tokens [T])]``.
 
-        Why: the projections and the MLP run once on all ``n + T`` rows (a weight-only matmul costs
-        little more for a few more rows), instead of a separate prefill forward that stalls the
-        running streams. Attention is computed per part: decode rows over their slots, the chunk
-        causally over its own slot. Returns logits ``[n + 1, V]``: each decode row, then the
+        Why: the projections and the MLP run once on all rows (a weight-only matmul costs little
+        more for a few more rows), instead of separate prefill forwards that stall the running
+        streams. Attention is computed per part: decode rows over their slots, each chunk causally
+        over its own slot. Returns logits ``[n + len(parts), V]``: each decode row, then each
         chunk's last token.
         """
-        n, steps = dec_tokens.shape[0], chunk.shape[0]
-        device = chunk.device
-        chunk_positions = torch.arange(start, start + steps, device=device)
-        positions = torch.cat([dec_positions, chunk_positions])
-        rows = torch.cat([torch.arange(n, device=device), torch.full((steps,), slot, device=device)])
-        dec_keys = torch.arange(int(dec_positions.max()) + 1, device=device)
-        dec_mask = (dec_keys[None, :] <= dec_positions[:, None])[:, None, None]  # [n, 1, 1, L]
-        chunk_keys = torch.arange(start + steps, device=device)
-        chunk_mask = (chunk_keys[None, :] <= chunk_positions[:, None])[None, None]  # [1, 1, T, L']
+        n = dec_tokens.shape[0]
+        device = dec_tokens.device
+        chunk_positions = [torch.arange(start, start + t.shape[0], device=device) for _, start, t in parts]
+        positions = torch.cat([dec_positions, *chunk_positions])
+        rows = torch.cat([torch.arange(n, device=device),
+                          *[torch.full((t.shape[0],), slot, device=device) for slot, _, t in parts]])
+        ends = [start + t.shape[0] for _, start, t in parts]
+        dec_len = int(dec_positions.max()) + 1 if n else 0
+        dec_mask = (torch.arange(dec_len, device=device)[None, :] <= dec_positions[:, None])[:, None, None]
+        masks = [(torch.arange(end, device=device)[None, :] <= cp[:, None])[None, None]
+                 for cp, end in zip(chunk_positions, ends, strict=True)]
+        bounds = [n]
+        for _, _, t in parts:
+            bounds.append(bounds[-1] + t.shape[0])
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, D]
         gqa = self.kv_heads != self.num_heads
-        x = self.embed(torch.cat([dec_tokens, chunk]))  # [N, H]
+        x = self.embed(torch.cat([dec_tokens, *[t for _, _, t in parts]]))  # [N, H]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(i, self._rms_norm(x, layer.input_layernorm))
             q = self._rope(q.reshape(-1, self.num_heads, self.head_dim), cos, sin)
@@ -175,15 +181,19 @@ class LlamaForward:
             key_cache, value_cache = self.cache.keys[i], self.cache.values[i]
             key_cache[rows, :, positions] = k
             value_cache[rows, :, positions] = v.reshape(-1, self.kv_heads, self.head_dim)
-            length = dec_keys.shape[0]
-            dec = F.scaled_dot_product_attention(
-                q[:n, :, None], key_cache[:n, :, :length], value_cache[:n, :, :length], attn_mask=dec_mask,
-                enable_gqa=gqa)  # [n, heads, 1, D]
-            pre = F.scaled_dot_product_attention(
-                q[n:].transpose(0, 1)[None], key_cache[slot:slot + 1, :, :start + steps],
-                value_cache[slot:slot + 1, :, :start + steps], attn_mask=chunk_mask, enable_gqa=gqa)  # [1, h, T, D]
-            out = torch.cat([dec[:, :, 0], pre[0].transpose(0, 1)])  # [N, heads, D]
+            outs = []
+            if n:
+                dec = F.scaled_dot_product_attention(
+                    q[:n, :, None], key_cache[:n, :, :dec_len], value_cache[:n, :, :dec_len], attn_mask=dec_mask,
+                    enable_gqa=gqa)  # [n, heads, 1, D]
+                outs.append(dec[:, :, 0])
+            for (slot, _, _), end, mask, lo, hi in zip(parts, ends, masks, bounds[:-1], bounds[1:], strict=True):
+                pre = F.scaled_dot_product_attention(
+                    q[lo:hi].transpose(0, 1)[None], key_cache[slot:slot + 1, :, :end],
+                    value_cache[slot:slot + 1, :, :end], attn_mask=mask, enable_gqa=gqa)  # [1, heads, T, D]
+                outs.append(pre[0].transpose(0, 1))
+            out = torch.cat(outs)  # [N, heads, D]
             x = x + layer.self_attn.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
             x = x + self._mlp(i, self._rms_norm(x, layer.post_attention_layernorm))
-        picked = torch.cat([x[:n], x[-1:]])
+        picked = torch.cat([x[:n], x[torch.tensor(bounds[1:], device=device) - 1]])
         return self.head(self._rms_norm(picked, self.norm))

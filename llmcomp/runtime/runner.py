@@ -239,30 +239,38 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode_with_prefill(
-        self, last_tokens: list[int], slot: int, chunk: list[int]
+        self, last_tokens: list[int], parts: list[tuple[int, list[int]]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode step for slots ``0..n-1`` and a prefill chunk of ``slot`` in one forward.
+        """A decode step for slots ``0..n-1`` (``n`` may be 0) and prefill chunks ``[(slot, tokens)]``
+        of other slots, in one forward.
 
-        Returns the decode logits ``[n, V]`` and the logits after the chunk's last token ``[V]``.
-        Eager (the chunk length varies); the HF fallback runs the two parts one after the other.
+        Returns the decode logits ``[n, V]`` and the logits after each chunk's last token
+        ``[len(parts), V]``. Eager (chunk lengths vary); the HF fallback runs the parts one by one.
         """
         n = len(last_tokens)
-        if not 0 < n <= self.max_batch_size or not n <= slot < self.max_batch_size:
-            raise ValueError(f"decode_with_prefill needs 1..{self.max_batch_size} sequences and a free slot")
-        if not chunk or self.lengths[slot] + len(chunk) > self.max_len:
-            raise ValueError(f"the chunk must hold 1..{self.max_len - self.lengths[slot]} tokens")
+        if n > self.max_batch_size or not parts:
+            raise ValueError(f"decode_with_prefill needs at most {self.max_batch_size} sequences and a chunk")
+        for slot, chunk in parts:
+            if not n <= slot < self.max_batch_size or not chunk:
+                raise ValueError(f"a prefill chunk needs a free slot in {n}..{self.max_batch_size - 1} and tokens")
+            if self.lengths[slot] + len(chunk) > self.max_len:
+                raise ValueError(f"{self.lengths[slot] + len(chunk)} tokens exceed the maximum model length "
+                                 f"{self.max_len}")
         if any(self.lengths[i] >= self.max_len for i in range(n)):
             raise ValueError(f"a sequence reached the maximum model length {self.max_len}")
         if not isinstance(self.forward, LlamaForward):
-            return self.decode(last_tokens), self.prefill_chunk_at(slot, chunk)
+            dec = self.decode(last_tokens) if n else torch.empty(0, self.vocab_size)
+            return dec, torch.stack([self.prefill_chunk_at(slot, chunk) for slot, chunk in parts])
         logits = self.forward.mixed(
             torch.tensor(last_tokens, dtype=torch.long, device=self.device),
-            torch.tensor(self.lengths[:n], device=self.device),
-            torch.tensor(chunk, dtype=torch.long, device=self.device), slot, self.lengths[slot])
+            torch.tensor(self.lengths[:n], dtype=torch.long, device=self.device),
+            [(slot, self.lengths[slot], torch.tensor(chunk, dtype=torch.long, device=self.device))
+             for slot, chunk in parts])
         for i in range(n):
             self.lengths[i] += 1
-        self.lengths[slot] += len(chunk)
-        return logits[:n], logits[n]
+        for slot, chunk in parts:
+            self.lengths[slot] += len(chunk)
+        return logits[:n], logits[n:]
 
     def is_warm(self, batch: int) -> bool:
         """Whether the decode step of ``batch``'s bucket has run (compiled) already."""
