@@ -1,10 +1,12 @@
 """Run lm-evaluation-harness tasks (GLUE, lm-eval ``wikitext``) on a model *object*.
 
-lm-eval gets the already-loaded model (``HFLM(pretrained=<model instance>)``), so a compressed
-model's QuantLinear modules are what runs. Only lm-eval's GLUE and wikitext task folders are
-indexed (scanning all ~15k built-in tasks takes ~15 s). With ``--data-dir`` each task's built-in
-config is loaded and its dataset fields are pointed at the local files (datasets' packaged
-``json``/``parquet``/``csv`` builders), which needs no network at all.
+lm-eval gets the already-loaded model, so a compressed model's QuantLinear modules are what runs:
+by default through llmcomp's runtime (:class:`~llmcomp.eval.runtime_lm.RuntimeLM`, shared contexts
+computed once), or through lm-eval's own ``HFLM(pretrained=<model instance>)`` (``--engine hf``).
+Only lm-eval's GLUE and wikitext task folders are indexed (scanning all ~15k built-in tasks takes
+~15 s). With ``--data-dir`` each task's built-in config is loaded and its dataset fields are
+pointed at the local files (datasets' packaged ``json``/``parquet``/``csv`` builders), which needs
+no network at all.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from llmcomp.eval.local_data import expected_layout, find_local_split
 from llmcomp.eval.tasks import GLUE_HUB, TaskSpec
 
 LM_EVAL_TASK_FOLDERS = ("glue", "wikitext")
+DEFAULT_SLOTS = 16  # RuntimeLM: contexts prefilled side by side (measured on sst2, docs/EVAL.md)
 BOOTSTRAP_ITERS = 1000  # stderr of f1/mcc is bootstrapped; lm-eval's 100k default takes minutes
 LOCAL_SPLIT_NAMES = {"validation_split": "validation", "test_split": "test"}
 VLLM_MAX_MODEL_LEN = 2048
@@ -126,6 +129,13 @@ def extract_metrics(results: dict[str, Any], spec: TaskSpec) -> dict[str, float 
     if "effective" in samples:
         out["samples"] = int(samples["effective"])
     return out
+
+
+def build_runtime_lm(model, tokenizer, slots: int, progress: bool = True):
+    """llmcomp's lm-eval model on the runtime: each shared context is computed once (see runtime_lm)."""
+    from llmcomp.eval.runtime_lm import RuntimeLM
+
+    return RuntimeLM(model, tokenizer, slots=slots, progress=progress)
 
 
 def build_hf_lm(model, tokenizer, batch_size: int):

@@ -14,13 +14,20 @@ from typing import Any
 
 from llmcomp.errors import LlmcompError
 from llmcomp.eval.data import CORPORA, EvalText, load_eval_text
-from llmcomp.eval.harness import build_hf_lm, build_vllm_lm, check_hub_access, run_harness
+from llmcomp.eval.harness import (
+    DEFAULT_SLOTS,
+    build_hf_lm,
+    build_runtime_lm,
+    build_vllm_lm,
+    check_hub_access,
+    run_harness,
+)
 from llmcomp.eval.local_data import find_local_split
 from llmcomp.eval.model_size import ModelSize, measure_model_size
 from llmcomp.eval.perplexity import DEFAULT_SEQ_LEN, compute_perplexity
 from llmcomp.eval.tasks import HARNESS, PERPLEXITY, TaskSpec
 
-ENGINES = ("native", "vllm")
+ENGINES = ("native", "hf", "vllm")  # native: lm-eval through the runtime; hf: through lm-eval's HFLM
 
 
 @dataclass
@@ -33,6 +40,7 @@ class EvalSettings:
     seq_len: int = DEFAULT_SEQ_LEN
     stride: int | None = None
     batch_size: int = 1
+    slots: int = DEFAULT_SLOTS
     max_tokens: int | None = None
     dtype: str = "auto"
     device: str = "cpu"
@@ -86,7 +94,8 @@ def validate_settings(settings: EvalSettings) -> None:
             f"--engine vllm runs lm-eval tasks only; token perplexity ({names}) needs --engine native "
             "(lm-eval's 'wikitext' task gives word perplexity through vLLM)"
         )
-    for name, value in (("--seq-len", settings.seq_len), ("--batch-size", settings.batch_size)):
+    for name, value in (("--seq-len", settings.seq_len), ("--batch-size", settings.batch_size),
+                        ("--slots", settings.slots)):
         if value < 1:
             raise LlmcompError(f"{name} must be positive, got {value}")
     if settings.data_dir is not None:
@@ -138,7 +147,10 @@ def evaluate_model(name: str, settings: EvalSettings, texts: dict[str, EvalText]
         model, tokenizer = load_model(source, dtype=settings.dtype, device=settings.device)
         result.results.update(_perplexity_tasks(model, tokenizer, settings, texts))
         if settings.harness_tasks:
-            lm = build_hf_lm(model, tokenizer, settings.batch_size)
+            if settings.engine == "hf":
+                lm = build_hf_lm(model, tokenizer, settings.batch_size)
+            else:
+                lm = build_runtime_lm(model, tokenizer, settings.slots, settings.progress)
             result.results.update(run_harness(lm, settings.harness_tasks, settings.data_dir,
                                               settings.num_fewshot, settings.limit))
             del lm

@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from tiny_models import byte_tokenizer, tiny_llama
 
 from llmcomp.errors import LlmcompError
-from llmcomp.eval.harness import build_hf_lm, local_task_config, run_harness, task_manager
+from llmcomp.eval.harness import build_hf_lm, build_runtime_lm, local_task_config, run_harness, task_manager
 from llmcomp.eval.tasks import TASKS
 
 ROWS = 12
@@ -105,11 +105,13 @@ def reference_predictions(model, tokenizer, task: str, rows: list[dict]) -> list
     return preds
 
 
-@pytest.fixture(scope="module")
-def harness_results(glue_dir, tiny):
-    """One lm-eval run over all four tasks, with every socket connection attempt recorded and refused."""
+@pytest.fixture(scope="module", params=["hf", "runtime"])
+def harness_results(request, glue_dir, tiny):
+    """One lm-eval run over all tasks per engine (lm-eval's HFLM, llmcomp's runtime), with every
+    socket connection attempt recorded and refused."""
     root, _ = glue_dir
     model, tokenizer = tiny
+    build = build_hf_lm if request.param == "hf" else build_runtime_lm
     attempts: list[object] = []
 
     def refuse(self, address, *args, **kwargs):
@@ -122,7 +124,7 @@ def harness_results(glue_dir, tiny):
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket.socket, "connect_ex", refuse)
-        results = run_harness(build_hf_lm(model, tokenizer, batch_size=4), specs, data_dir=root)
+        results = run_harness(build(model, tokenizer, 4), specs, data_dir=root)
     return results, attempts
 
 

@@ -10,6 +10,7 @@ import typer
 from llmcomp.cli.common import console, user_errors
 from llmcomp.errors import LlmcompError
 
+DEFAULT_SLOTS = 16  # llmcomp.eval.harness.DEFAULT_SLOTS; not imported here, as that pulls in torch
 TASKS_HELP = (
     "comma-separated tasks: wikitext2, c4, offline (token perplexity); sst2, mrpc, rte, cola, qnli, qqp, "
     "mnli, mnli_mismatch, wnli or 'glue' (lm-eval); wikitext (lm-eval WORD perplexity, a different metric)"
@@ -18,7 +19,7 @@ TASKS_HELP = (
 
 def _settings(tasks: str, data_file: Path | None, data_dir: Path | None, seq_len: int, stride: int | None,
               batch_size: int, max_tokens: int | None, dtype: str, device: str, limit: float | None,
-              num_fewshot: int | None, engine: str, progress: bool):
+              num_fewshot: int | None, engine: str, progress: bool, slots: int):
     from llmcomp.eval.runner import EvalSettings
     from llmcomp.eval.tasks import parse_tasks
 
@@ -27,7 +28,7 @@ def _settings(tasks: str, data_file: Path | None, data_dir: Path | None, seq_len
     return EvalSettings(
         tasks=parse_tasks(tasks), data_file=data_file, data_dir=data_dir, seq_len=seq_len, stride=stride,
         batch_size=batch_size, max_tokens=max_tokens, dtype=dtype, device=device, limit=limit,
-        num_fewshot=num_fewshot, engine=engine, progress=progress,
+        num_fewshot=num_fewshot, engine=engine, progress=progress, slots=slots,
     )
 
 
@@ -45,14 +46,18 @@ def eval_command(
     seq_len: int = typer.Option(2048, help="perplexity window in tokens (capped at the model's context)"),
     stride: int | None = typer.Option(None, help="sliding-window stride for perplexity (default: "
                                                  "non-overlapping windows, GPTQ protocol)"),
-    batch_size: int = typer.Option(1, help="windows / lm-eval requests per forward pass"),
+    batch_size: int = typer.Option(1, help="perplexity windows per forward pass (and lm-eval requests per "
+                                           "forward with --engine hf/vllm)"),
+    slots: int = typer.Option(DEFAULT_SLOTS, help="native engine: lm-eval contexts computed side by side "
+                                                  "(KV-cache slots)"),
     max_tokens: int | None = typer.Option(None, help="score only the first N tokens of each corpus"),
     dtype: str = typer.Option("auto", help="auto (as stored), bfloat16, float16, float32"),
     device: str = typer.Option("cpu", help="torch device for the native engine"),
     limit: float | None = typer.Option(None, help="lm-eval: examples per task (an int, or a fraction < 1)"),
     num_fewshot: int | None = typer.Option(None, help="lm-eval few-shot examples (default 0-shot)"),
-    engine: str = typer.Option("native", help="native (llmcomp loader + transformers) or vllm (lm-eval's "
-                                              "vLLM backend; lm-eval tasks only)"),
+    engine: str = typer.Option("native", help="native (llmcomp loader; lm-eval requests through the llmcomp "
+                                              "runtime, shared contexts computed once), hf (llmcomp loader; "
+                                              "lm-eval's HFLM) or vllm (lm-eval's vLLM backend; lm-eval tasks only)"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write results as JSON"),
     report: Path | None = typer.Option(None, help="write a markdown report"),
     plot: Path | None = typer.Option(None, help="write a PNG: each task's metric against model size"),
@@ -72,7 +77,7 @@ def eval_command(
     if plot_x not in X_AXES:
         raise LlmcompError(f"unknown --plot-x {plot_x!r}; allowed: {', '.join(X_AXES)}")
     settings = _settings(tasks, data_file, data_dir, seq_len, stride, batch_size, max_tokens, dtype, device,
-                         limit, num_fewshot, engine, progress)
+                         limit, num_fewshot, engine, progress, slots)
     names = list(dict.fromkeys(([baseline] if baseline else []) + list(models)))
     results, texts = evaluate_models(names, settings)
     rows = comparison_rows(results, settings.tasks, baseline)
