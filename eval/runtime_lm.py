@@ -137,7 +137,6 @@ class RuntimeLM(TemplateLM):
         with _progress(len(requests), label, self.progress and not disable_tqdm) as bar:
             task = bar.add_task(label, total=len(requests))
             for batch in self._batches(groups, runner.max_batch_size):
-                runner = self._emptied(runner)
                 for request_ids, score in self._score_groups(runner, batch):
                     for i in request_ids:
                         results[i] = score
@@ -196,22 +195,13 @@ class RuntimeLM(TemplateLM):
     def _runner(self, groups: int, length: int) -> ModelRunner:
         """A runner sized for this call: enough slots for the groups, within the cache budget."""
         slots = max(1, min(self.slots, groups, CACHE_TOKENS // length))
-        # One spare position where it fits: score_batch's pad tokens go to the last one.
-        return ModelRunner(self.model, max_batch_size=slots, max_model_len=length + 1)
-
-    def _emptied(self, runner: ModelRunner) -> ModelRunner:
-        """``runner`` with every slot empty. The HF fallback's per-slot caches survive ``free()``
-        (it crops them with ``DynamicCache.crop(0)``, a no-op in transformers 5), so that runner is
-        rebuilt instead."""
-        if runner.backend == "lean":
-            for slot in range(runner.max_batch_size):
-                runner.free(slot)
-            return runner
-        return ModelRunner(self.model, max_batch_size=runner.max_batch_size, max_model_len=runner.max_len)
+        return ModelRunner(self.model, max_batch_size=slots, max_model_len=length)
 
     def _score_groups(self, runner: ModelRunner, batch: list[Group]) -> Iterator[tuple[list[int], tuple[float, bool]]]:
-        """Prefill the batch's contexts into empty slots ``0..n-1`` once, then score each continuation
+        """Prefill the batch's contexts into slots ``0..n-1`` once, then score each continuation
         round (the k-th continuation of every context) from the rewound slots."""
+        for slot in range(len(batch)):
+            runner.free(slot)
         last = self._prefill(runner, [list(ctx) for ctx, _ in batch])
         for k in range(max(len(conts) for _, conts in batch)):
             live = [s for s, (_, conts) in enumerate(batch) if k < len(conts)]
@@ -226,9 +216,16 @@ class RuntimeLM(TemplateLM):
     def _prefill(self, runner: ModelRunner, contexts: list[list[int]]) -> list[torch.Tensor]:
         """Last-token logits ``[V]`` of each context, appended to slots ``0..n-1``: one padded
         forward for a batch of short contexts, else one chunked prefill per slot."""
-        if len(contexts) > 1 and len(contexts) * max(map(len, contexts)) <= self.forward_tokens:
+        if self._batched(runner, contexts):
             return [logits[-1] for logits in runner.score_batch(list(range(len(contexts))), contexts)]
         return [runner.prefill(slot, ctx) for slot, ctx in enumerate(contexts)]
+
+    def _batched(self, runner: ModelRunner, rows: list[list[int]]) -> bool:
+        """Whether ``rows`` go through one padded forward: on the lean forward only (the HF fallback
+        runs rows one at a time anyway, and feeds pad tokens to the model at a position past the
+        end, out of range for absolute position embeddings), within the token budget."""
+        return (runner.backend == "lean" and len(rows) > 1
+                and len(rows) * max(map(len, rows)) <= self.forward_tokens)
 
     def _append_scored(self, runner: ModelRunner, slots: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
         """Append ``cont[:-1]`` to each slot and score ``cont[1:]`` from its logits: one padded
@@ -241,7 +238,7 @@ class RuntimeLM(TemplateLM):
         lo, hi = slots[todo[0]], slots[todo[-1]]
         span = {slots[i]: i for i in todo}
         batch_rows = [rows[span[s]] if s in span else [] for s in range(lo, hi + 1)]
-        if len(todo) > 1 and self._paddable(runner, lo, batch_rows):
+        if len(todo) > 1 and self._batched(runner, batch_rows):
             for s, logits in zip(range(lo, hi + 1), runner.score_batch(list(range(lo, hi + 1)), batch_rows),
                                  strict=True):
                 if s in span:
@@ -256,16 +253,6 @@ class RuntimeLM(TemplateLM):
                 ll, greedy = ll + part_ll, greedy and part_greedy
             scores[i] = (ll, greedy)
         return scores
-
-    def _paddable(self, runner: ModelRunner, lo: int, rows: list[list[int]]) -> bool:
-        """Whether ``rows`` may go through one padded ``score_batch`` from slot ``lo``: within the
-        token budget, and no padded row writes a real token at the last cache position, where
-        ``score_batch`` puts its pad tokens (the two writes would collide)."""
-        width = max(map(len, rows))
-        if len(rows) * width > self.forward_tokens:
-            return False
-        return all(len(row) == width or runner.lengths[lo + i] + len(row) < runner.max_len
-                   for i, row in enumerate(rows))
 
     # -- generation -------------------------------------------------------------------------------
     def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
@@ -286,7 +273,8 @@ class RuntimeLM(TemplateLM):
         for start in range(0, len(encoded), runner.max_batch_size):
             batch = encoded[start:start + runner.max_batch_size]
             generators = [make_generator(None) for _ in batch]
-            runner = self._emptied(runner)
+            for slot in range(len(batch)):
+                runner.free(slot)
             logits = torch.stack([runner.prefill(slot, ids) for slot, ids in enumerate(batch)])
             generated: list[list[int]] = [[] for _ in batch]
             done = [False] * len(batch)

@@ -254,3 +254,24 @@ def test_float32_model_scores_close_to_float64(tiny64):
     for (context, continuation), (ll, _) in zip(REQUESTS, got, strict=True):
         ref, _ = reference(model64, *split_pair(tokenizer, context, continuation))
         assert ll == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padded_continuations_reaching_the_last_position(arch):
+    """Two contexts batched, one continuation ending exactly at the model's last position while
+    padded to the other's width: pad tokens must not overwrite it."""
+    tokenizer = byte_tokenizer()
+    if arch == "llama":
+        model = tiny_llama(seed=4, max_positions=32, init_std=0.3).double()
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=260, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                           initializer_range=0.3)).double().eval()
+    long_ctx, short_ctx = list(range(65, 85)), list(range(97, 102))  # 20 and 5 tokens
+    requests = [(None, long_ctx, list(range(40, 53))),  # 20 + 13 - 1 = 32 positions: the whole context
+                (None, short_ctx, list(range(40, 60)))]  # a wider row (19 tokens) from position 5
+    got = RuntimeLM(model, tokenizer, slots=2, progress=False)._loglikelihood_tokens(requests)
+    for (_, ctx, cont), score in zip(requests, got, strict=True):
+        assert score == pytest.approx(reference(model, ctx, cont), abs=TOL)
