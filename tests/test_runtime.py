@@ -242,3 +242,14 @@ def test_prefill_chunks_without_decode_rows(model) -> None:
     assert dec.shape[0] == 0
     torch.testing.assert_close(lasts[0], full_logits(model, a)[-1], rtol=0, atol=1e-10)
     torch.testing.assert_close(lasts[1], full_logits(model, b)[-1], rtol=0, atol=1e-10)
+
+
+def test_warm_up_leaves_live_sequences_untouched(model) -> None:
+    """Warming up (compiling) after a prompt is in its slot must not change what it decodes:
+    generate(compile=True) prefills first and compiles after."""
+    ids = random_ids(10, 70)
+    runner = ModelRunner(model, max_batch_size=2, max_model_len=16, compile=True, compile_backend="eager")
+    runner.prefill(0, ids[:9])
+    runner.warm_up()
+    assert runner.lengths == [9, 0]
+    torch.testing.assert_close(runner.decode(ids[9:])[0], full_logits(model, ids)[-1], rtol=0, atol=1e-10)

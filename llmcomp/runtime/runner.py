@@ -217,7 +217,13 @@ class ModelRunner:
         pad = b - n
         tokens = torch.tensor(last_tokens + [0] * pad, dtype=torch.long, device=self.device)[:, None]
         positions = torch.tensor(self.lengths[:n] + [self.pad_position] * pad, device=self.device)[:, None]
-        attended = max(self.lengths[:n]) + 1
+        logits = self._run_step(tokens, positions, max(self.lengths[:n]) + 1)
+        for i in range(n):
+            self.lengths[i] += 1
+        return logits[:n]
+
+    def _run_step(self, tokens: torch.Tensor, positions: torch.Tensor, attended: int) -> torch.Tensor:
+        """The (compiled) decode step over slots ``0..len(tokens)-1`` attending ``attended`` keys."""
         key_positions = torch.arange(attended, device=self.device)
         if self.compiled:
             torch._dynamo.mark_dynamic(key_positions, 0, min=2, max=self.max_len)
@@ -227,10 +233,8 @@ class ModelRunner:
             self._decode_eager(tokens, positions, key_positions)
             self._prepared = True
         logits = self._decode_fn(tokens, positions, key_positions)
-        self._warm.add(b)
-        for i in range(n):
-            self.lengths[i] += 1
-        return logits[:n]
+        self._warm.add(tokens.shape[0])
+        return logits
 
     def disable_compile(self) -> None:
         """Decode eagerly from now on (e.g. when compiling failed: no C++ toolchain)."""
@@ -276,20 +280,19 @@ class ModelRunner:
         """Whether the decode step of ``batch``'s bucket has run (compiled) already."""
         return self.bucket(batch) in self._warm
 
+    @torch.inference_mode()
     def warm_up(self, buckets: list[int] | None = None, progress: Callable[[str], None] | None = None) -> float:
         """Compile (or just run) the decode step of each bucket once; returns the seconds taken.
 
-        It writes into the cache at position 1 of the bucket's slots: call it before sequences
-        are live, or after their slots were saved elsewhere.
+        Every row is a pad row (it writes only at the spare position past ``max_len``), so live
+        sequences are untouched and it can run at any time.
         """
         t0 = time.perf_counter()
-        saved = list(self.lengths)
         for b in buckets or self.buckets:
             if progress is not None:
                 progress(f"decode step, batch {b}")
-            self.lengths[:b] = [1] * b
-            self.decode([0] * b)
-        self.lengths = saved
+            tokens = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            self._run_step(tokens, torch.full((b, 1), self.pad_position, device=self.device), 2)
         seconds = time.perf_counter() - t0
         self.compile_seconds += seconds
         return seconds
