@@ -6,6 +6,8 @@ engine core and every worker. The method follows vLLM's Config -> LinearMethod -
 checkpoint tensors as vLLM parameters (so vLLM's own loaders handle fused q/k/v and gate/up
 layers and tensor-parallel sharding), then hands them to :func:`llmcomp.kernels.dispatch.select_kernel`
 once loading is done. The same code serves CPU builds (torch kernels) and CUDA builds (Triton).
+Layers with any other module kind go to :class:`~llmcomp.serve.vllm_modules.LlmcompModuleMethod`,
+which materializes each shard to a dense weight after loading.
 """
 
 from __future__ import annotations
@@ -34,8 +36,16 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from llmcomp import intquant
 from llmcomp.kernels.dispatch import QuantLayout, QuantTensors, select_kernel
-from llmcomp.scheme import IntAffineSpec
-from llmcomp.serve.vllm_spec import QUANT_METHOD, LinearQuantSpec, layer_spec, parse_modules, vocab_layer_message
+from llmcomp.scheme import ModuleSpec
+from llmcomp.serve.vllm_modules import LlmcompModuleMethod
+from llmcomp.serve.vllm_spec import (
+    QUANT_METHOD,
+    LinearQuantSpec,
+    ShardedModuleSpec,
+    layer_spec,
+    parse_modules,
+    vocab_layer_message,
+)
 
 MIN_CUDA_CAPABILITY = 70  # Triton kernels need Volta or newer; vLLM ignores this on CPU
 
@@ -43,7 +53,7 @@ MIN_CUDA_CAPABILITY = 70  # Triton kernels need Volta or newer; vLLM ignores thi
 class LlmcompConfig(QuantizationConfig):
     """The ``quantization_config`` of an llmcomp checkpoint (docs/FORMAT.md)."""
 
-    def __init__(self, modules: dict[str, IntAffineSpec]) -> None:
+    def __init__(self, modules: dict[str, ModuleSpec]) -> None:
         super().__init__()
         self.modules = modules
 
@@ -80,7 +90,11 @@ class LlmcompConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
             spec = layer_spec(prefix, self.modules, self.packed_modules_mapping)
-            return UnquantizedLinearMethod() if spec is None else LlmcompLinearMethod(spec, prefix)
+            if spec is None:
+                return UnquantizedLinearMethod()
+            if isinstance(spec, ShardedModuleSpec):
+                return LlmcompModuleMethod(spec, prefix)
+            return LlmcompLinearMethod(spec, prefix)
         if isinstance(layer, VocabParallelEmbedding) and prefix in self.modules:
             raise ValueError(vocab_layer_message(prefix))
         return None

@@ -1,9 +1,13 @@
 """Parse an llmcomp ``quantization_config`` for vLLM (no vLLM import): :mod:`llmcomp.scheme`'s
 spec, plus what the vLLM path can run.
 
-vLLM fuses Llama's q/k/v and gate/up projections into one layer, so a fused layer is quantized
-only if all its shards are, with one shared ``bits / group_size / symmetric``. Anything the vLLM
-path cannot run is refused here with one error naming the modules, before any weight is loaded.
+Two paths (serve/vllm_plugin.py): ``int_affine`` layers run on llmcomp's int kernels; every other
+kind (sparse, factorized, codebook, activation-sparse, ...) is rebuilt per shard and materialized
+to a dense weight (serve/vllm_modules.py). vLLM fuses Llama's q/k/v and gate/up projections into
+one layer, so an int-kernel layer needs all its shards quantized with one shared ``bits /
+group_size / symmetric``; a layer with any other kind takes the materialized path, shard by shard.
+Anything the vLLM path cannot run is refused here with one error naming the modules, before any
+weight is loaded.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from typing import Any
 
 from llmcomp import intquant
 from llmcomp.errors import CheckpointError
-from llmcomp.scheme import FUSED_PROJECTIONS, QUANT_METHOD, IntAffineSpec, ModuleSpec, parse_quantization_config
+from llmcomp.modules.registry import module_types
+from llmcomp.scheme import FUSED_PROJECTIONS, QUANT_METHOD, ModuleSpec, parse_quantization_config
 
-SUPPORTED_KINDS = ("int_affine",)
+KERNEL_KINDS = ("int_affine",)  # run by llmcomp's own kernels inside vLLM; other kinds are materialized
 # How vLLM fuses HF projections in Llama-style models (Mistral, Qwen2, ...): used to check a
 # checkpoint before vLLM starts; at load time the model's own packed_modules_mapping is used.
 COMMON_FUSIONS = {fused: list(members) for fused, members in FUSED_PROJECTIONS.items()}
-__all__ = ["QUANT_METHOD", "LinearQuantSpec", "parse_modules", "layer_spec", "check_checkpoint"]
+__all__ = ["QUANT_METHOD", "LinearQuantSpec", "ShardedModuleSpec", "parse_modules", "layer_spec", "check_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -36,21 +41,30 @@ class LinearQuantSpec:
         return self.group_size >= self.in_features
 
 
-def parse_modules(config: dict[str, Any]) -> dict[str, IntAffineSpec]:
+@dataclass(frozen=True)
+class ShardedModuleSpec:
+    """A (possibly fused) layer with a kind the int kernels do not run: each shard's spec, in vLLM's
+    shard order; ``None`` for a shard the checkpoint keeps as a plain dense weight."""
+
+    names: tuple[str, ...]
+    specs: tuple[ModuleSpec | None, ...]
+
+
+def parse_modules(config: dict[str, Any]) -> dict[str, ModuleSpec]:
     """Validate the ``quantization_config`` (format version 1 or 2) and return its module specs."""
     try:
         modules: dict[str, ModuleSpec] = parse_quantization_config(config, where="quantization_config").modules
     except CheckpointError as exc:
         raise ValueError(str(exc)) from None
-    unsupported = sorted(n for n, s in modules.items() if s.kind not in SUPPORTED_KINDS)
+    runnable = module_types()
+    unsupported = sorted(n for n, s in modules.items() if s.kind not in runnable)
     if unsupported:
         kinds = sorted({modules[n].kind for n in unsupported})
         raise ValueError(
-            f"the vLLM plugin runs only {SUPPORTED_KINDS} modules; this checkpoint has "
-            f"{', '.join(kinds)} in {len(unsupported)} modules (e.g. {unsupported[0]}); "
-            "serve it with `llmcomp serve --engine native`"
+            f"no module class runs kind {', '.join(kinds)} ({len(unsupported)} modules, e.g. {unsupported[0]}), "
+            "so neither vLLM nor `llmcomp serve --engine native` can serve this checkpoint; upgrade llmcomp"
         )
-    return modules  # type: ignore[return-value]
+    return modules
 
 
 def shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
@@ -63,13 +77,15 @@ def shard_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> li
 
 
 def layer_spec(
-    prefix: str, modules: dict[str, IntAffineSpec], packed_modules_mapping: dict[str, list[str]]
-) -> LinearQuantSpec | None:
-    """The quantization of vLLM layer ``prefix``; ``None`` when it is a plain dense layer."""
+    prefix: str, modules: dict[str, ModuleSpec], packed_modules_mapping: dict[str, list[str]]
+) -> LinearQuantSpec | ShardedModuleSpec | None:
+    """How vLLM runs layer ``prefix``: int kernels, materialized modules, or ``None`` (plain dense)."""
     names = shard_names(prefix, packed_modules_mapping)
     specs = [modules.get(n) for n in names]
     if all(s is None for s in specs):
         return None
+    if any(s is not None and s.kind not in KERNEL_KINDS for s in specs):
+        return ShardedModuleSpec(tuple(names), tuple(specs))
     if any(s is None for s in specs):
         missing = [n for n, s in zip(names, specs, strict=True) if s is None]
         raise ValueError(

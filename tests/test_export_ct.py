@@ -44,7 +44,7 @@ def test_scheme_mapping_and_refusals() -> None:
         scheme_for("m", _spec(bits=3))
     with pytest.raises(LlmcompError, match="does not divide"):
         scheme_for("m", _spec(group=64))
-    with pytest.raises(LlmcompError, match=f"module kind '{DUMMY_KIND}' has no pack-quantized equivalent"):
+    with pytest.raises(LlmcompError, match=f"kind .{DUMMY_KIND}. has no pack-quantized equivalent and no module class"):
         scheme_for("m", parse_module_spec("m", {"kind": DUMMY_KIND, "in_features": 8, "out_features": 8}))
 
 

@@ -131,6 +131,25 @@ def test_buckets_and_unsupported_architectures(model) -> None:
     torch.testing.assert_close(runner.decode(ids[5:])[0], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_hf_fallback_scores_padded_rows_up_to_the_last_absolute_position() -> None:
+    """GPT-2 has n_positions embeddings only: pad columns (at the spare position n_positions) must
+    never reach it, and a row ending at the very last position is scored like a plain forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(5)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16)).eval()
+    runner = ModelRunner(gpt2, max_batch_size=2, max_model_len=16)
+    ids = random_ids(16, 11)
+    runner.prefill(0, ids[:10])
+    runner.prefill(1, ids[:4])
+    rows = [ids[10:], ids[4:6]]  # the first row ends at position 15, the second is padded by 4 columns
+    got = runner.score_batch([0, 1], rows)
+    with torch.no_grad():
+        full = gpt2(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got[0], full[10:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], full[4:6], rtol=1e-5, atol=1e-5)
+
+
 def test_kv_cache_size_is_bounded_by_slots_times_length(model) -> None:
     runner = ModelRunner(model, max_batch_size=3, max_model_len=40)
     c = model.config

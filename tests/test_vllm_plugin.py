@@ -156,3 +156,80 @@ def test_register_makes_the_method_known(vllm_env):
     vllm_env.register()  # twice is harmless: vLLM loads plugins in every process, sometimes repeatedly
     assert "llmcomp" in QUANTIZATION_METHODS
     assert get_quantization_config("llmcomp") is vllm_env.LlmcompConfig
+
+
+def factors(out_features: int, in_features: int, rank: int, seed: int, threshold: float | None = None):
+    """A test-only factorized kind (tests/spec_kinds.py): its tensors, spec and float64 weight."""
+    from spec_kinds import FACTORS_KIND
+
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
+    spec = {"kind": FACTORS_KIND, "in_features": in_features, "out_features": out_features, "rank": rank,
+            "input_threshold": threshold}
+    return {"weight_u": u, "weight_v": v}, spec, u.double() @ v.double()
+
+
+def make_config_v2(vllm_plugin, modules: dict):
+    cfg = vllm_plugin.LlmcompConfig.from_config({"quant_method": "llmcomp", "format_version": 2, "modules": modules})
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    return cfg
+
+
+@pytest.mark.parametrize(("rank", "size"), [(0, 1), (1, 2)])
+def test_other_kinds_are_materialized_per_shard_next_to_int_and_dense_shards(vllm_env, tp, rank, size):
+    """q: a factorized kind, k: int4, v: left dense; each rank holds its rows of each shard."""
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    tp(rank, size)
+    prefix = "model.layers.0.self_attn"
+    q_tensors, q_spec, q_dense = factors(HEADS * HEAD_DIM, HIDDEN, 6, seed=1)
+    k_tensors, k_dense = quantized(KV_HEADS * HEAD_DIM, HIDDEN, 4, 16, False, seed=2)
+    v_dense = torch.randn(KV_HEADS * HEAD_DIM, HIDDEN, generator=torch.Generator().manual_seed(3))
+    k_spec = {**module_spec(HIDDEN, KV_HEADS * HEAD_DIM, 4, 16, False), "kind": "int_affine"}
+    k_spec.pop("type")
+    cfg = make_config_v2(vllm_env, {f"{prefix}.q_proj": q_spec, f"{prefix}.k_proj": k_spec})
+    layer = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, bias=False, quant_config=cfg,
+                              prefix=f"{prefix}.qkv_proj", params_dtype=torch.float32)
+    assert type(layer.quant_method).__name__ == "LlmcompModuleMethod"
+    load(layer, q_tensors, "q")
+    load(layer, k_tensors, "k")
+    load(layer, {"weight": v_dense}, "v")
+    layer.quant_method.process_weights_after_loading(layer)
+    parts = []
+    for dense in (q_dense, k_dense, v_dense.double()):
+        local = dense.shape[0] // size
+        parts.append(dense[rank * local : (rank + 1) * local])
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(layer(x)[0].double(), x.double() @ torch.cat(parts).T, rtol=1e-4, atol=1e-4)
+    assert not [n for n, _ in layer.named_parameters() if n != "bias"]  # placeholders are gone
+
+
+def test_materialized_row_parallel_holds_its_columns_and_input_transforms_apply_per_shard(vllm_env, tp):
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+    tp(1, 2)
+    name = "model.layers.0.mlp.down_proj"
+    tensors, spec, dense = factors(HIDDEN, INTER, 5, seed=4)
+    layer = RowParallelLinear(INTER, HIDDEN, bias=False, quant_config=make_config_v2(vllm_env, {name: spec}),
+                              prefix=name, params_dtype=torch.float32)
+    load(layer, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    local = INTER // 2
+    x = torch.randn(4, local, generator=torch.Generator().manual_seed(5))
+    ref = x.double() @ dense[:, local:].T
+    torch.testing.assert_close(layer.quant_method.apply(layer, x).double(), ref, rtol=1e-4, atol=1e-4)
+
+    tp(0, 1)
+    prefix = "model.layers.0.mlp"
+    gate = factors(INTER, HIDDEN, 4, seed=6, threshold=0.5)
+    up = factors(INTER, HIDDEN, 4, seed=7)
+    cfg = make_config_v2(vllm_env, {f"{prefix}.gate_proj": gate[1], f"{prefix}.up_proj": up[1]})
+    merged = MergedColumnParallelLinear(HIDDEN, [INTER, INTER], bias=False, quant_config=cfg,
+                                        prefix=f"{prefix}.gate_up_proj", params_dtype=torch.float32)
+    load(merged, gate[0], 0)
+    load(merged, up[0], 1)
+    merged.quant_method.process_weights_after_loading(merged)
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(8)).double()
+    kept = x * (x.abs() > 0.5)  # only the gate shard drops its small inputs
+    ref = torch.cat([kept @ gate[2].T, x @ up[2].T], dim=-1)
+    torch.testing.assert_close(merged(x.float())[0].double(), ref, rtol=1e-4, atol=1e-4)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from spec_kinds import DUMMY_KIND
+from spec_kinds import DUMMY_KIND, FACTORS_KIND
 
-from llmcomp.serve.vllm_spec import LinearQuantSpec, check_checkpoint, layer_spec, parse_modules, shard_names
+from llmcomp.serve.vllm_spec import (
+    LinearQuantSpec,
+    ShardedModuleSpec,
+    check_checkpoint,
+    layer_spec,
+    parse_modules,
+    shard_names,
+)
 
 MAPPING = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 ATTN = "model.layers.0.self_attn"
@@ -57,7 +64,7 @@ def test_partially_quantized_fused_layer_is_refused():
         (config({"m": {"type": "sparse_bitmask"}}), "module 'm' has unknown kind 'sparse_bitmask'"),
         ({"quant_method": "llmcomp", "format_version": 2,
           "modules": {"m": {"kind": DUMMY_KIND, "in_features": 8, "out_features": 8}}},
-         f"runs only .*{DUMMY_KIND} in 1 modules.*--engine native"),
+         f"no module class runs kind {DUMMY_KIND} \\(1 modules"),
         (config({"m": spec(bits=5)}), r"module 'm' \(int_affine\): bits: Input should be 2, 3, 4 or 8 \(got 5\)"),
     ],
 )
@@ -84,3 +91,17 @@ def test_quantized_output_head_is_refused_before_vllm_starts():
     modules["lm_head"] = spec(bits=8, group_size=-1, symmetric=True, out_features=49152)
     with pytest.raises(ValueError, match="lm_head is quantized.*--engine native.*without lm_head: true"):
         check_checkpoint(config(modules))
+
+
+def test_a_layer_with_another_kind_takes_the_materialized_path_shard_by_shard():
+    """Any non-int shard sends the whole fused layer to the module path; dense shards stay None there."""
+    factors = {"kind": FACTORS_KIND, "in_features": 576, "out_features": 576, "rank": 8}
+    cfg = {"quant_method": "llmcomp", "format_version": 2,
+           "modules": {f"{ATTN}.q_proj": factors, f"{ATTN}.k_proj": {**spec(), "kind": "int_affine"}}}
+    cfg["modules"][f"{ATTN}.k_proj"].pop("type")
+    modules = parse_modules(cfg)
+    got = layer_spec(f"{ATTN}.qkv_proj", modules, MAPPING)
+    assert isinstance(got, ShardedModuleSpec)
+    assert got.names == tuple(f"{ATTN}.{n}" for n in ("q_proj", "k_proj", "v_proj"))
+    assert [s.kind if s else None for s in got.specs] == [FACTORS_KIND, "int_affine", None]
+    assert check_checkpoint(cfg) == 2

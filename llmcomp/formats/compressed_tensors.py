@@ -2,9 +2,11 @@
 
 What the format can express, and so what is exported: weight-only int4 / int8, one scale per
 output channel (``strategy: channel``) or per group of columns that divides K
-(``strategy: group``), symmetric or asymmetric with integer zero points. Anything else (int2/3,
-a short last group, other module types such as sparse or factorized layers) is refused with a
-one-line reason naming the module.
+(``strategy: group``), symmetric or asymmetric with integer zero points. int2/3 and a short last
+group are refused with a one-line reason naming the module. Every other module kind (sparse,
+factorized, codebook, ...) is written **dense**: its module rebuilds the weight
+(``dequantized_weight``) in the checkpoint's dtype and the layer is listed in ``ignore``. Stock vLLM
+dropped its sparse formats in 2026, so dense is also what it can run.
 
 Tensor conventions (compressed-tensors 0.17, ``compressors/pack_quantized``), all checked against
 the library in tests/test_export_ct.py:
@@ -31,6 +33,7 @@ from llmcomp import intquant
 from llmcomp.errors import LlmcompError
 from llmcomp.formats.atomic import AtomicDirectory
 from llmcomp.formats.checkpoint import copy_side_files, merge_shards, validate_checkpoint
+from llmcomp.modules.registry import build_module, module_types
 from llmcomp.scheme import IntAffineSpec, ModuleSpec
 
 FORMAT = "pack-quantized"
@@ -72,12 +75,14 @@ class ExportSummary:
     bytes: int = 0
 
 
-def scheme_for(name: str, spec: ModuleSpec) -> Scheme:
-    """The compressed-tensors scheme of one module spec, or a one-line refusal."""
+def scheme_for(name: str, spec: ModuleSpec) -> Scheme | None:
+    """The compressed-tensors scheme of one module spec; None: written dense; or a one-line refusal."""
     if not isinstance(spec, IntAffineSpec):
+        if spec.kind in module_types():
+            return None
         raise LlmcompError(
             f"cannot export {name!r} to compressed-tensors: module kind {spec.kind!r} has no "
-            "pack-quantized equivalent (only int_affine int4/int8 weights do)"
+            "pack-quantized equivalent and no module class to rebuild it dense"
         )
     bits, k, group = spec.bits, spec.in_features, spec.group_size
     if bits not in EXPORTABLE_BITS:
@@ -117,6 +122,29 @@ def _convert_module(prefix: str, spec: IntAffineSpec, tensors: dict[str, torch.T
         out[f"{prefix}.weight_zero_point"] = pack_int32(zp.to(torch.int8), bits, dim=0)
     if f"{prefix}.bias" in tensors:
         out[f"{prefix}.bias"] = tensors[f"{prefix}.bias"]
+    return out
+
+
+def _owner(tensor_name: str, modules: dict[str, ModuleSpec]) -> str | None:
+    """The compressed module a tensor belongs to (its longest module-name prefix), or None."""
+    parts = tensor_name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in modules:
+            return prefix
+    return None
+
+
+def _dense_module(prefix: str, spec: ModuleSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A module of another kind, rebuilt by its own class as a dense ``weight`` (and its bias)."""
+    own = {n[len(prefix) + 1 :]: t for n, t in tensors.items() if n.startswith(prefix + ".")}
+    module = build_module(prefix, spec, torch.float32)
+    module.load_state_dict(own, strict=True)
+    dtype = next((t.dtype for t in own.values() if t.is_floating_point()), torch.float32)
+    with torch.no_grad():
+        out = {f"{prefix}.weight": module.dequantized_weight(dtype).contiguous()}
+    if "bias" in own:
+        out[f"{prefix}.bias"] = own["bias"]
     return out
 
 
@@ -167,22 +195,32 @@ def export_compressed_tensors(source: str | Path, output: str | Path, overwrite:
     if not modules:
         raise LlmcompError(f"{source}: the checkpoint has no compressed modules to export")
     schemes: dict[Scheme, list[str]] = {}
+    dense: list[str] = []
     for name, spec in modules.items():
-        schemes.setdefault(scheme_for(name, spec), []).append(name)
+        scheme = scheme_for(name, spec)
+        if scheme is None:
+            dense.append(name)
+        else:
+            schemes.setdefault(scheme, []).append(name)
     out = Path(output)
     if out.exists() and not overwrite:
         raise LlmcompError(f"{out} already exists; pass --overwrite to replace it")
-    ignore = _dense_linears(info.config, list(info.tensors), set(modules))
+    ignore = sorted(set(_dense_linears(info.config, list(info.tensors), set(modules))) | set(dense))
     qconfig, names = _ct_config(schemes, ignore)
     config = {k: v for k, v in info.config.items() if k != "quantization_config"}
-    config["quantization_config"] = qconfig
+    if schemes:  # else every module was written dense: a plain HF checkpoint, which any engine runs
+        config["quantization_config"] = qconfig
 
     def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         converted: dict[str, torch.Tensor] = {}
-        for mod_name in [m for m in modules if f"{m}.weight_packed" in tensors]:
-            converted.update(_convert_module(mod_name, modules[mod_name], tensors))  # type: ignore[arg-type]
+        owners = {name: _owner(name, modules) for name in tensors}
+        for mod_name in sorted({o for o in owners.values() if o is not None}):
+            if mod_name in dense:
+                converted.update(_dense_module(mod_name, modules[mod_name], tensors))
+            else:
+                converted.update(_convert_module(mod_name, modules[mod_name], tensors))  # type: ignore[arg-type]
         for name, tensor in tensors.items():
-            if name.rsplit(".", 1)[0] not in modules:
+            if owners[name] is None:
                 converted[name] = tensor.contiguous()
         return converted
 

@@ -102,7 +102,7 @@ class ModelRunner:
             self.backend = "lean"
         else:
             log.info("runtime: HF fallback forward (%s)", reason)
-            self.forward = HFForward(model, max_batch_size)
+            self.forward = HFForward(model, max_batch_size, self.pad_position)
             self.backend = f"hf ({reason})"
         self.compiled = compile and self.backend == "lean"
         self._decode_fn: Callable[..., torch.Tensor] = self._decode_eager
