@@ -149,7 +149,7 @@ def _read_json_rows(path: Path, compressed: bool) -> list[str]:
     return rows
 
 
-def _hub_rows(spec: CorpusSpec) -> list[str]:
+def hub_rows(spec: CorpusSpec) -> list[str]:
     if not hub_offline() and not hub_reachable():
         raise LlmcompError(missing_corpus_hint(spec.name))
     import datasets
@@ -177,7 +177,7 @@ def load_eval_text(source: str, data_file: str | Path | None = None) -> EvalText
     if data_file is not None:
         rows, origin = read_text_rows(data_file), f"local file {data_file}"
     else:
-        rows, origin = _hub_rows(spec), f"hub {spec.hub_path}"
+        rows, origin = hub_rows(spec), f"hub {spec.hub_path}"
     if spec.max_docs is not None:
         rows = rows[: spec.max_docs]
     return EvalText(spec.separator.join(rows), f"{spec.description}; from {origin}", spec.max_windows)

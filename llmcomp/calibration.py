@@ -227,11 +227,47 @@ def offline_evaluation_text() -> tuple[str, str]:
     return _read_texts(EVALUATION_FILES), desc
 
 
-def calibration_text(data_file: str | None, override: str | None = None) -> tuple[str, str]:
+# Hub corpora for calibration: always a *train* split (the evaluation corpora use test/validation).
+CALIBRATION_DOCS = 2000  # documents read from the corpus: far more tokens than 128 x 2048 windows need
+
+
+def calibration_corpus(name: str) -> Any:
+    """The hub source of calibration corpus ``name`` (an :class:`llmcomp.eval.data.CorpusSpec`)."""
+    from llmcomp.eval.data import CorpusSpec
+
+    corpora = {
+        "wikitext2": CorpusSpec("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", "train", "\n\n",
+                                max_docs=CALIBRATION_DOCS * 10, description="wikitext-2-raw-v1 train"),
+        "c4": CorpusSpec("c4", "allenai/c4", None, "train", " ", max_docs=CALIBRATION_DOCS,
+                         hub_kwargs=(("data_files", "en/c4-train.00000-of-01024.json.gz"),),
+                         description="c4 en train shard 0"),
+    }
+    if name not in corpora:
+        raise LlmcompError(f"unknown calibration dataset {name!r}; allowed: {', '.join(corpora)}")
+    return corpora[name]
+
+
+def _hub_calibration_text(name: str) -> tuple[str, str]:
+    from llmcomp.eval import data
+
+    spec = calibration_corpus(name)
+    try:
+        rows = data.hub_rows(spec)
+    except LlmcompError:
+        raise LlmcompError(f"calibration dataset {name!r} ({spec.hub_path}, {spec.split}) could not be loaded "
+                           "(offline?); use calibration.data_file / --calibration-file, or drop "
+                           "calibration.dataset for the offline text") from None
+    rows = [r for r in rows if r.strip()][: spec.max_docs]
+    return spec.separator.join(rows), f"hub {spec.hub_path}: {spec.description}"
+
+
+def calibration_text(data_file: str | None, override: str | None = None,
+                     dataset: str | None = None) -> tuple[str, str]:
     """(text, description) of the calibration source: the one place that decides it.
 
     ``override`` (text given by the caller, e.g. ``--calibration-file``) wins over the recipe's
-    ``data_file``; without either, the offline license texts (never the evaluation texts).
+    ``data_file`` or ``dataset`` (a hub corpus's train split); without any, the offline license
+    texts (never the evaluation texts).
     """
     if override is not None:
         return override, "caller-provided text"
@@ -240,7 +276,18 @@ def calibration_text(data_file: str | None, override: str | None = None) -> tupl
         if not path.is_file():
             raise LlmcompError(f"calibration data_file {path} does not exist")
         return path.read_text(encoding="utf-8", errors="replace"), str(path)
+    if dataset:
+        return _hub_calibration_text(dataset)
     return offline_calibration_text(), "offline license texts (llmcomp.calibration)"
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover, if its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def calibration_batches(

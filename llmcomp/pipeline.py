@@ -38,7 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmcomp.calibration import InputObserver, StopForward, calibration_batches, calibration_text
+from llmcomp.calibration import (
+    InputObserver,
+    StopForward,
+    calibration_batches,
+    calibration_text,
+    context_length,
+)
 from llmcomp.errors import CheckpointError, LlmcompError, RecipeError
 from llmcomp.formats.atomic import AtomicDirectory
 from llmcomp.formats.checkpoint import DEFAULT_SHARD_BYTES, RECIPE_FILE, REPORT_FILE, write_checkpoint
@@ -340,11 +346,15 @@ class Pipeline:
         """Token windows for calibration, tokenized once (first-layer capture and model-level hooks)."""
         if self._calibration_ids is None:
             cal = self.recipe.calibration
-            text, where = calibration_text(cal.data_file, self.calibration_override)
+            text, where = calibration_text(cal.data_file, self.calibration_override, cal.dataset)
             tokenizer = load_tokenizer(ModelSource("dir", str(self.model_dir)), self.trust_remote_code)
-            self._calibration_ids = calibration_batches(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
-            self._calibration_info = {"source": where, "samples": cal.num_samples, "seq_len": cal.seq_len,
+            context = context_length(self.config)
+            seq_len = min(cal.seq_len, context) if context else cal.seq_len  # windows the model can attend over
+            self._calibration_ids = calibration_batches(tokenizer, text, cal.num_samples, seq_len, cal.seed)
+            self._calibration_info = {"source": where, "samples": cal.num_samples, "seq_len": seq_len,
                                       "dtype": str(self.calibration_dtype).removeprefix("torch.")}
+            if seq_len < cal.seq_len:
+                self._calibration_info["seq_len_capped_from"] = cal.seq_len
         return self._calibration_ids
 
     def _first_layer_inputs(self, skeleton: nn.Module, handle: LayerHandle, partial: PartialRun) -> Inputs | None:

@@ -41,6 +41,8 @@ from llmcomp.serve.protocol import (
     Health,
     ModelCard,
     ModelList,
+    RouterState,
+    RouterUpdate,
     validation_error,
 )
 from llmcomp.serve.worker import RETRY_AFTER_S, EngineUnavailableError
@@ -49,7 +51,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512  # cap for chat requests that give no limit (CPU serving: keep it finite)
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client left
-KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/v1/router")
+ROUTED_HEADER = "X-LLMComp-Routed-To"  # routed serving: swift, super or mixed (choices of one request differ)
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: a wrong type or value (`param` names the field), body that is not a JSON object, "
          "or prompt + max_tokens longer than the context (`code: context_length_exceeded`)",
@@ -149,6 +152,20 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def model(model_id: str) -> dict[str, Any]:
         _check_model(model_id, config.model_name)
         return _model_card(config.model_name, engine.context_length)
+
+    if getattr(engine, "router_config", None) is not None:  # routed serving only (serve/routed_engine.py)
+        @app.get("/v1/router", response_model=RouterState, responses=_errors(401))
+        async def router_state() -> dict[str, Any]:
+            return _router_state(engine)
+
+        @app.post("/v1/router", response_model=RouterState, responses=_errors(400, 401))
+        async def router_update(body: RouterUpdate) -> dict[str, Any]:
+            """Change tau and/or T at run time: the next routing decision uses them."""
+            try:
+                engine.update_router(tau=body.tau, temperature=body.temperature)  # type: ignore[attr-defined]
+            except ValueError as exc:
+                raise APIError(400, f"router update rejected: {exc}", code="invalid_value") from None
+            return _router_state(engine)
 
     generation_errors = _errors(400, 401, 404, 413, 429, 500, 503)
 
@@ -307,6 +324,18 @@ def _check_model(name: str, served: str) -> None:
                        param="model", code="model_not_found")
 
 
+def _router_state(engine: Engine) -> dict[str, Any]:
+    return engine.router_config.model_dump(include=set(RouterState.model_fields))  # type: ignore[attr-defined]
+
+
+def _routed_to(routes: list[str | None]) -> str | None:
+    """The answering model of a request: one name, ``mixed``, or None when not routed."""
+    names = {r for r in routes if r is not None}
+    if not names:
+        return None
+    return names.pop() if len(names) == 1 else "mixed"
+
+
 def _model_card(name: str, context_length: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": fmt.now(), "owned_by": "llmcomp",
             "max_model_len": context_length}
@@ -425,11 +454,16 @@ async def _run(
 ) -> Response:
     rid = fmt.new_id("chatcmpl" if job.chat else "cmpl")
     choices = [fmt.ChoiceState(prompt_tokens=len(ids), prompt_index=index) for ids, _, index in job.sequences]
+    routes: list[str | None] = [None] * len(choices)  # routed serving: the model answering each choice
     seen_token = False
 
     def record(i: int, ev: RequestOutput) -> None:
         nonlocal seen_token
         c = choices[i]
+        route = getattr(ev, "routed_to", None)
+        if route is not None and routes[i] is None:
+            routes[i] = route
+            metrics.observe_route(route, getattr(ev, "energy", None))
         c.text.append(ev.text)
         c.logprobs.extend(ev.logprobs)
         c.completion_tokens = ev.completion_tokens
@@ -455,12 +489,38 @@ async def _run(
         finally:
             account()
         build = fmt.chat_response if job.chat else fmt.completion_response
-        return JSONResponse(build(rid, job.model, choices, job.want_logprobs, token_text))
+        body = build(rid, job.model, choices, job.want_logprobs, token_text)
+        answered = _routed_to(routes)
+        if answered is None:
+            return JSONResponse(body)
+        for i, choice in enumerate(body["choices"]):
+            choice["routed_to"] = routes[i]
+        body["routed_to"] = answered
+        return JSONResponse(body, headers={ROUTED_HEADER: answered})
+
+    events = submission.events(None)
+    first: list[tuple[int, RequestOutput]] = []
+    if getattr(engine, "router_config", None) is not None:
+        # The routing decision comes with the first event (after prefill): wait for it, so the
+        # answering model can go into the response headers.
+        try:
+            first.append(await events.__anext__())
+        except StopAsyncIteration:
+            pass
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if first and getattr(first[0][1], "routed_to", None) is not None and len(choices) == 1:
+        headers[ROUTED_HEADER] = first[0][1].routed_to  # type: ignore[attr-defined]
+
+    async def replay() -> AsyncIterator[tuple[int, RequestOutput]]:
+        for item in first:
+            yield item
+        async for item in events:
+            yield item
 
     async def stream() -> AsyncIterator[str]:
         offsets = [0] * len(choices)
         try:
-            async for i, ev in submission.events(None):
+            async for i, ev in replay():
                 if ev.error:
                     yield _sse(_generation_error(ev).body())
                     return
@@ -474,13 +534,14 @@ async def _run(
                     if ev.text or delta:
                         delta["content"] = ev.text
                     lps = fmt.chat_logprobs(ev.logprobs, token_text) if job.want_logprobs else None
-                    yield _sse(fmt.chat_chunk(rid, job.model, i, delta, lps, ev.finish_reason))
+                    yield _sse(_with_route(fmt.chat_chunk(rid, job.model, i, delta, lps, ev.finish_reason), routes[i]))
                 else:
                     lps = None
                     if job.want_logprobs:
                         lps = fmt.completion_logprobs(ev.logprobs, token_text, offsets[i])
                         offsets[i] += sum(len(t) for t in lps["tokens"])
-                    yield _sse(fmt.completion_chunk(rid, job.model, i, ev.text, lps, ev.finish_reason))
+                    yield _sse(_with_route(fmt.completion_chunk(rid, job.model, i, ev.text, lps, ev.finish_reason),
+                                           routes[i]))
             if job.include_usage:
                 obj = "chat.completion.chunk" if job.chat else "text_completion"
                 yield _sse(fmt.usage_chunk(rid, job.model, obj, choices))
@@ -488,8 +549,15 @@ async def _run(
         finally:
             account()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+def _with_route(chunk: dict[str, Any], route: str | None) -> dict[str, Any]:
+    """Routed serving: each streamed choice names its answering model."""
+    if route is not None:
+        for choice in chunk["choices"]:
+            choice["routed_to"] = route
+    return chunk
 
 
 def _unavailable(message: str) -> APIError:

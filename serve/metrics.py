@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ENERGY_BUCKETS = (-50.0, -40.0, -35.0, -30.0, -25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 1.0, 2.0, 5.0, 10.0)
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -26,8 +27,22 @@ class ServerMetrics:
                               ["endpoint"], buckets=TTFT_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("llmcomp_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.active = Gauge("llmcomp_active_sequences", "Sequences in the running batch", registry=r)
+        self.routed = Counter("llmcomp_routed_requests", "Routed serving: choices answered, by model (swift, super)",
+                              ["model"], registry=r)
+        self.router_energy = Histogram("llmcomp_router_energy", "Routed serving: swift energy after prefill",
+                                       buckets=ENERGY_BUCKETS, registry=r)
+        self.deferrals = Counter("llmcomp_router_deferrals", "Routed serving: requests the swift model deferred "
+                                 "to the super model", registry=r)
         self.worker_restarts = Counter("llmcomp_worker_restarts", "Model worker processes that died and were "
                                        "restarted, by cause (signal or exit status)", ["cause"], registry=r)
+
+    def observe_route(self, model: str, energy: float | None) -> None:
+        """One routing decision (a choice of a routed request)."""
+        self.routed.labels(model=model).inc()
+        if energy is not None:
+            self.router_energy.observe(energy)
+        if model == "super":
+            self.deferrals.inc()
 
     def render(self, waiting: int, active: int) -> bytes:
         self.queue_depth.set(waiting)

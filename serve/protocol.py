@@ -188,6 +188,8 @@ class Usage(_Response):
 
 
 FinishReason = Literal["stop", "length"]
+RoutedTo = Literal["swift", "super"]
+ROUTED_TO_DESCRIPTION = "routed serving (--router) only: the model that answered this choice"
 
 
 class CompletionLogprobs(_Response):
@@ -202,6 +204,7 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
+    routed_to: RoutedTo | None = Field(default=None, description=ROUTED_TO_DESCRIPTION)
 
 
 class CompletionResponse(_Response):
@@ -211,6 +214,8 @@ class CompletionResponse(_Response):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    routed_to: RoutedTo | Literal["mixed"] | None = Field(
+        default=None, description="routed serving only: the answering model (mixed: choices differ)")
 
 
 class CompletionChunkChoice(_Response):
@@ -218,6 +223,7 @@ class CompletionChunkChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    routed_to: RoutedTo | None = Field(default=None, description=ROUTED_TO_DESCRIPTION)
 
 
 class CompletionChunk(_Response):
@@ -255,6 +261,7 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason
+    routed_to: RoutedTo | None = Field(default=None, description=ROUTED_TO_DESCRIPTION)
 
 
 class ChatCompletionResponse(_Response):
@@ -264,6 +271,8 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    routed_to: RoutedTo | Literal["mixed"] | None = Field(
+        default=None, description="routed serving only: the answering model (mixed: choices differ)")
 
 
 class ChatDelta(_Response):
@@ -276,6 +285,7 @@ class ChatChunkChoice(_Response):
     delta: ChatDelta
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
+    routed_to: RoutedTo | None = Field(default=None, description=ROUTED_TO_DESCRIPTION)
 
 
 class ChatCompletionChunk(_Response):
@@ -308,6 +318,26 @@ class Health(_Response):
     active: int
     waiting: int
     worker_restarts: int
+
+
+class RouterUpdate(BaseModel):
+    """``POST /v1/router``: a new threshold and/or temperature, used from the next request on."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    tau: float | None = Field(default=None, description="requests whose swift energy is above tau go to super")
+    temperature: float | None = Field(default=None, gt=0.0, description="T of the energy")
+
+
+class RouterState(_Response):
+    """The router in force (``GET``/``POST /v1/router``)."""
+
+    tau: float
+    temperature: float
+    mode: Literal["request", "token"]
+    energy_over: Literal["vocab", "choices"]
+    normalize: bool
+    swift: str | None
+    super: str | None
 
 
 # -- validation errors ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
+from llmcomp.activation_sparsity import configure_from_env
 from llmcomp.modules.registry import build_module
 from llmcomp.serve.vllm_spec import ShardedModuleSpec
 
@@ -74,10 +75,12 @@ class LlmcompModuleMethod(LinearMethodBase):
         layer.llmcomp_loaded = [{} for _ in self.spec.names]
         layer.llmcomp_partitions = (list(output_partition_sizes), input_size_per_partition, input_size)
         layer.llmcomp_act_dtype = params_dtype
+        layer.llmcomp_containers = []
         for name in _tensor_names(self.spec, params_dtype):
             param = nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False)
             set_weight_attrs(param, {**extra_weight_attrs, "weight_loader": _keeper(layer, name)})
-            layer.register_parameter(name, param)
+            owner, leaf = _container(layer, name)
+            owner.register_parameter(leaf, param)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         dtype = layer.llmcomp_act_dtype
@@ -90,6 +93,9 @@ class LlmcompModuleMethod(LinearMethodBase):
         for name in list(layer._parameters):
             if name != "bias":
                 delattr(layer, name)  # the placeholders; the shards' tensors are freed with them
+        for name in layer.llmcomp_containers:
+            delattr(layer, name)
+        del layer.llmcomp_containers
         del layer.llmcomp_loaded
         if any(t is not None for t in transforms):
             if getattr(layer, "tp_size", 1) > 1:
@@ -104,6 +110,24 @@ class LlmcompModuleMethod(LinearMethodBase):
             return F.linear(x, layer.llmcomp_weight, bias)
         out = torch.cat([F.linear(x if t is None else t(x), w) for w, t in shards], dim=-1)
         return out if bias is None else out + bias
+
+
+def _container(layer: torch.nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
+    """Where a (possibly nested, e.g. ``base.weight_packed``) placeholder lives on the vLLM layer, so
+    vLLM's ``named_parameters`` has exactly the checkpoint's name for it."""
+    *path, leaf = tensor_name.split(".")
+    owner = layer
+    for depth, part in enumerate(path):
+        child = owner._modules.get(part)
+        if child is None:
+            if hasattr(owner, part):
+                raise ValueError(f"checkpoint tensor {tensor_name!r} clashes with vLLM layer attribute {part!r}")
+            child = nn.Module()
+            owner.add_module(part, child)
+            if depth == 0:
+                layer.llmcomp_containers.append(part)
+        owner = child
+    return owner, leaf
 
 
 def _keeper(layer: torch.nn.Module, tensor_name: str) -> Callable[..., None]:
@@ -128,6 +152,7 @@ def _materialize(
         raise ValueError(f"{name} ({spec.kind}): checkpoint tensors do not match the module "
                          f"(missing {missing}, unexpected {unexpected})")
     module.to(tensors[next(iter(tensors))].device)
+    configure_from_env(name, module)  # --activation-sparsity reaches activation-sparse modules this way
     with torch.no_grad():
         weight = module.dequantized_weight(torch.float32)
     return weight, getattr(module, "transform_input", None)

@@ -16,6 +16,7 @@ without restarting ``llmcomp serve``.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -68,6 +69,8 @@ class WorkerSpec:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_model_len: int | None = None
     compile: bool = True  # torch.compile the decode step per batch bucket before reporting ready
+    super_model: str | None = None  # routed serving: ``model`` is the swift model, this the super one
+    router: str | None = None  # routed serving: router.json text (llmcomp.routing.RouterConfig)
 
 
 def exit_cause(exitcode: int | None) -> str:
@@ -117,9 +120,22 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         from llmcomp.serve.engine import Engine
 
         torch.set_num_threads(spec.threads)
-        model, tokenizer = load_model(spec.model, dtype=spec.dtype)
-        engine = Engine(model, tokenizer, spec.max_batch_size, spec.max_queue, spec.max_model_len,
-                        compile=spec.compile, progress=lambda line: send(("progress", line)))
+        if spec.super_model is not None:
+            from llmcomp.routing import RouterConfig
+            from llmcomp.serve.routed_engine import build_routed_engine
+
+            router = RouterConfig.model_validate_json(spec.router or "")
+            engine = build_routed_engine(spec.model, spec.super_model, router, spec.dtype, spec.max_batch_size,
+                                         spec.max_queue, spec.max_model_len, spec.compile,
+                                         progress=lambda line: send(("progress", line)))
+            model = engine.swift.model
+        else:
+            model, tokenizer = load_model(spec.model, dtype=spec.dtype)
+            from llmcomp.activation_sparsity import ActivationSettings
+
+            ActivationSettings.from_env().apply(model)  # --activation-sparsity of `llmcomp serve`
+            engine = Engine(model, tokenizer, spec.max_batch_size, spec.max_queue, spec.max_model_len,
+                            compile=spec.compile, progress=lambda line: send(("progress", line)))
     except Exception as exc:  # reported to the API process as one line, then this worker exits
         send(("failed", _one_line(exc)))
         return
@@ -156,6 +172,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
                 handle = handles.pop(message[1], None)
                 if handle is not None:
                     handle.cancel()
+            elif kind == "router":  # routed serving: new tau/T (validated by the API process)
+                engine.update_router(**message[1])
             elif kind == "close":
                 break
     finally:
@@ -243,6 +261,32 @@ class EngineWorker:
                     self._pending.pop(key, None)
                 raise EngineUnavailableError("the model worker stopped; retry shortly") from None
         return [WorkerHandle(k, self) for k in keys]
+
+    @property
+    def router_config(self) -> Any:
+        """Routed serving: the router in force (``None`` for one model)."""
+        if self.spec.router is None:
+            return None
+        from llmcomp.routing import RouterConfig
+
+        return RouterConfig.model_validate_json(self.spec.router)
+
+    def update_router(self, tau: float | None = None, temperature: float | None = None) -> Any:
+        """New tau/T for the worker's next decisions; kept in the spec, so a restarted worker has them."""
+        from llmcomp.routing import Router
+
+        with self._lock:
+            config = self.router_config
+            if config is None:
+                raise ValueError("this engine does not route")
+            config = Router(config).update(tau=tau, temperature=temperature)  # validates
+            self.spec = dataclasses.replace(self.spec, router=config.model_dump_json())
+            if self._conn is not None and self._state == "ready":
+                try:
+                    self._conn.send(("router", {"tau": tau, "temperature": temperature}))
+                except (OSError, ValueError):
+                    pass  # the worker died: the new one starts from the updated spec
+        return config
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and fail whatever is still pending."""

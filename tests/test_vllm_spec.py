@@ -61,7 +61,7 @@ def test_partially_quantized_fused_layer_is_refused():
         ({"quant_method": "gptq", "format_version": 1, "modules": {}}, "quant_method is not 'llmcomp'"),
         ({"quant_method": "llmcomp", "format_version": 9, "modules": {}}, "format_version 9"),
         ({"quant_method": "llmcomp", "format_version": 1, "modules": []}, "modules is missing or not a mapping"),
-        (config({"m": {"type": "sparse_bitmask"}}), "module 'm' has unknown kind 'sparse_bitmask'"),
+        (config({"m": {"type": "no_such_kind"}}), "module 'm' has unknown kind 'no_such_kind'"),
         ({"quant_method": "llmcomp", "format_version": 2,
           "modules": {"m": {"kind": DUMMY_KIND, "in_features": 8, "out_features": 8}}},
          f"no module class runs kind {DUMMY_KIND} \\(1 modules"),

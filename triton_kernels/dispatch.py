@@ -382,7 +382,7 @@ def select_kernel(layout: Any, device: torch.device, dtype: torch.dtype, prefer:
 
 _BUILTINS_LOADED = False
 _BUILTIN_MODULES = ("llmcomp.kernels.cpu", "llmcomp.kernels.triton_gemm", "llmcomp.kernels.lut_gemm",
-                    "llmcomp.kernels.sparse_gemv")
+                    "llmcomp.kernels.sparse_gemv", "llmcomp.kernels.codebook_cpu", "llmcomp.kernels.act_sparse_cpu")
 
 
 def _load_builtin_kernels() -> None:

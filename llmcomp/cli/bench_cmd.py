@@ -35,7 +35,7 @@ def parse_modes(text: str) -> list[str]:
 
 
 def run_bench(model_source: str, batch_sizes: list[int], tokens: int, dtype: str, threads: int | None,
-              modes: list[str], warmup: int, prompt: str) -> dict[str, Any]:
+              modes: list[str], warmup: int, prompt: str, activation: Any = None) -> dict[str, Any]:
     """Load once; per mode (eager, compiled) one runner whose buckets are the batch sizes, compiled
     up front (timed apart), then ``warmup`` short runs and one timed generation per batch size."""
     import torch
@@ -49,6 +49,7 @@ def run_bench(model_source: str, batch_sizes: list[int], tokens: int, dtype: str
     if threads:
         torch.set_num_threads(threads)
     model, tok = load_model(model_source, dtype=dtype)
+    applied = activation.apply(model) if activation is not None else None
     max_len = len(tok(prompt)["input_ids"]) + tokens
     results = []
     for mode in modes:
@@ -76,6 +77,7 @@ def run_bench(model_source: str, batch_sizes: list[int], tokens: int, dtype: str
         "threads": torch.get_num_threads(),
         "runtime": runner.backend,
         "machine": cpu_summary(),
+        "activation_sparsity": applied,
         "torch": torch.__version__,
         "results": results,
     }
@@ -94,11 +96,19 @@ def bench(
     prompt: str = typer.Option(DEFAULT_PROMPT, help="prompt repeated over the batch"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     out: Path | None = typer.Option(None, help="also write the JSON result to this file"),
+    activation_sparsity: float | None = typer.Option(
+        None, help="drop this fraction of each linear's inputs per decode token (TEAL/WINA; batch 1 reads only "
+                   "the kept weight columns)"),
+    activation_criterion: str = typer.Option("wina", help="with --activation-sparsity: wina or teal"),
 ) -> None:
     """Measure CPU decode tokens/s on the serving runtime (slot KV cache, lean forward) at each batch
     size, eager and compiled."""
+    from llmcomp.activation_sparsity import ActivationSettings
+
+    activation = ActivationSettings(activation_sparsity, activation_criterion)
+    activation.check()
     result = run_bench(model, parse_batch_sizes(batch_sizes), tokens, dtype, threads, parse_modes(modes), warmup,
-                       prompt)
+                       prompt, activation)
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
     if as_json:

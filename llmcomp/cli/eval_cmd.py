@@ -34,8 +34,8 @@ def _settings(tasks: str, data_file: Path | None, data_dir: Path | None, seq_len
 
 @user_errors
 def eval_command(
-    models: list[str] = typer.Argument(..., help="models: llmcomp checkpoint dirs, HF dirs, hub ids, .gguf, "
-                                                 "or alias smollm2-135m"),
+    models: list[str] | None = typer.Argument(None, help="models: llmcomp checkpoint dirs, HF dirs, hub ids, "
+                                                        ".gguf, or alias smollm2-135m"),
     tasks: str = typer.Option("wikitext2", "--tasks", "-t", help=TASKS_HELP),
     baseline: str | None = typer.Option(None, "--baseline", "-b", help="model to compare against (evaluated "
                                                                        "first; deltas are model - baseline)"),
@@ -63,6 +63,16 @@ def eval_command(
     plot: Path | None = typer.Option(None, help="write a PNG: each task's metric against model size"),
     plot_x: str = typer.Option("bits", help="plot x axis: bits (bits/weight) or size (MiB on disk)"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    activation_sparsity: float | None = typer.Option(
+        None, help="drop this fraction of each linear's inputs per token (TEAL/WINA, decoder layers; the "
+                   "--baseline model stays dense); a wina-pass checkpoint uses its per-matrix allocation"),
+    activation_criterion: str = typer.Option("wina", help="with --activation-sparsity: wina (|x| * column "
+                                                          "norm) or teal (|x|)"),
+    swift: str | None = typer.Option(None, help="routed evaluation: the swift model (default: the router's)"),
+    super_: str | None = typer.Option(None, "--super", help="routed evaluation: the super model (default: the "
+                                                            "router's)"),
+    router: Path | None = typer.Option(None, help="routed evaluation (E-LANG): router.json; adds a 'routed' row "
+                                                  "with acc and super_fraction (lm-eval tasks)"),
 ) -> None:
     """Evaluate MODELS on TASKS; with several models (or --baseline) print a comparison with deltas.
 
@@ -70,6 +80,7 @@ def eval_command(
     `llmcomp eval OUT --baseline smollm2-135m --tasks sst2,mrpc --data-dir glue/`;
     `llmcomp eval A B C --tasks wikitext2 --plot pareto.png`.
     """
+    from llmcomp.activation_sparsity import ActivationSettings, applied_at_load
     from llmcomp.eval.plots import X_AXES, plot_tradeoff
     from llmcomp.eval.report import comparison_rows, markdown_report, report_dict, rich_table, write_json
     from llmcomp.eval.runner import evaluate_models
@@ -78,11 +89,28 @@ def eval_command(
         raise LlmcompError(f"unknown --plot-x {plot_x!r}; allowed: {', '.join(X_AXES)}")
     settings = _settings(tasks, data_file, data_dir, seq_len, stride, batch_size, max_tokens, dtype, device,
                          limit, num_fewshot, engine, progress, slots)
-    names = list(dict.fromkeys(([baseline] if baseline else []) + list(models)))
-    results, texts = evaluate_models(names, settings)
+    names = list(dict.fromkeys(([baseline] if baseline else []) + list(models or [])))
+    routed = router is not None or swift is not None or super_ is not None
+    if not names and not routed:
+        raise LlmcompError("give MODELS to evaluate, or --router (with --swift/--super) for routed evaluation")
+    if routed and settings.perplexity_tasks:
+        raise LlmcompError("routed evaluation (--router) runs lm-eval tasks (sst2, rte, ...), not token perplexity")
+    activation = ActivationSettings(activation_sparsity, activation_criterion)
+    if activation_sparsity is not None and engine == "vllm":
+        raise LlmcompError("--activation-sparsity runs on the native and hf engines, not vllm")
+    with applied_at_load(activation, skip=1 if baseline else 0) as applied:
+        results, texts = evaluate_models(names, settings)
+    if routed:
+        from llmcomp.eval.routed import evaluate_routed_cli
+
+        results.append(evaluate_routed_cli(swift, super_, router, settings))
+    if applied:
+        console.print(f"activation sparsity: {applied[-1]}")
     rows = comparison_rows(results, settings.tasks, baseline)
     console.print(rich_table(rows, results, baseline))
     data = report_dict(results, rows, settings, texts, baseline)
+    if applied:
+        data["activation_sparsity"] = applied[-1]
     if output is not None:
         write_json(data, output)
         console.print(f"results -> {output}")

@@ -51,9 +51,12 @@ def describe(path: Path, verify: bool = True) -> dict[str, Any]:
         if m.get("group_size") is not None:
             key = str(m["group_size"])
             group_counts[key] = group_counts.get(key, 0) + 1
+    pruned = [(r["sparsity"], r.get("numel", 0)) for r in per_module.values() if "sparsity" in r]
+    pruned_numel = sum(n for _, n in pruned)
     return {
         "path": str(path),
         "format_version": info.stored_version,
+        "average_sparsity": sum(s * n for s, n in pruned) / pruned_numel if pruned_numel else None,
         "recipe": info.quant.recipe,
         "architecture": (info.config.get("architectures") or ["?"])[0],
         "tensor_bytes": sum(info.files.values()),
@@ -72,10 +75,16 @@ def inspect(
     verify: bool = typer.Option(True, help="check SHA-256 of every tensor file"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     modules: bool = typer.Option(True, help="show the per-module table"),
+    gg_fit: bool = typer.Option(False, "--gg", help="fit a generalized Gaussian to every linear weight and print "
+                                "its shape nu per layer (2 = Gaussian, 1 = Laplacian)"),
+    plot: Path | None = typer.Option(None, "--plot", help="write one histogram per linear weight, with its fitted "
+                                     "GG and Gaussian densities, as PNGs into this directory"),
 ) -> None:
     """Validate an llmcomp checkpoint and show per-module choices (bits, chosen group size, bits/weight,
     error) and the average bits per weight including scales and zero points."""
     summary = describe(path, verify)
+    if gg_fit or plot is not None:
+        _gg_outputs(path, summary, gg_fit, plot, as_json)
     if as_json:
         console.print_json(json.dumps(summary))
         return
@@ -92,9 +101,29 @@ def inspect(
         f"{len(summary['modules'])} compressed modules, {summary['tensor_bytes'] / 1e6:.1f} MB of tensors, "
         f"avg {_fmt(bpw)} bits/weight (incl. scales/zeros)"
         + (f", {ratio:.2f}x smaller than the source" if ratio else "")
+        + (f", {summary['average_sparsity']:.1%} of the pruned modules' weights removed"
+           if summary["average_sparsity"] is not None else "")
         + (f"; group sizes chosen: {summary['group_size_counts']}" if summary["group_size_counts"] else "")
     )
     console.print("[green]checkpoint valid[/]" + (" (hashes verified)" if verify else ""))
+
+
+def _gg_outputs(path: Path, summary: dict[str, Any], gg_fit: bool, plot: Path | None, as_json: bool) -> None:
+    """``--gg`` (a table, or ``gg`` in the JSON) and ``--plot DIR`` (llmcomp.gg_report)."""
+    from llmcomp import gg_report
+
+    if gg_fit:
+        shapes = gg_report.gg_shapes(path)
+        summary["gg"] = shapes
+        if not as_json:
+            table = Table("module", "kind", "GG shape nu", "scale", "std", title=f"{path}: generalized-Gaussian fits")
+            for name, f in shapes.items():
+                table.add_row(name, f["kind"], f"{f['shape']:.3f}", f"{f['scale']:.4g}", f"{f['std']:.4g}")
+            console.print(table)
+    if plot is not None:
+        written = gg_report.plot_histograms(path, plot)
+        if not as_json:
+            console.print(f"wrote {len(written)} histograms to {plot}")
 
 
 def register(app: typer.Typer) -> None:

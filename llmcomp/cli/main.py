@@ -21,6 +21,9 @@ COMMAND_MODULES = [
     "llmcomp.cli.serve_cmd",
     "llmcomp.cli.export_cmd",
     "llmcomp.cli.bench_cmd",
+    "llmcomp.cli.heal_cmd",
+    "llmcomp.cli.profile_cmd",
+    "llmcomp.cli.route_cmd",
 ]
 
 app = typer.Typer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -21,7 +22,8 @@ class EngineChoice(str, Enum):
 
 @user_errors
 def serve(
-    model: str = typer.Argument(..., help="llmcomp checkpoint dir, HF dir, hub id, or alias smollm2-135m"),
+    model: str | None = typer.Argument(None, help="llmcomp checkpoint dir, HF dir, hub id, or alias smollm2-135m "
+                                                  "(omit with --swift/--super/--router)"),
     engine: EngineChoice = typer.Option(EngineChoice.native, help="native (continuous batching) or vllm"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)"),
     port: int = typer.Option(8000, help="TCP port"),
@@ -39,13 +41,41 @@ def serve(
                                       help="native: torch.compile the decode step at start-up (about a minute "
                                       "per batch size bucket; faster decode)"),
     vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="extra argument passed to vLLM (repeatable)"),
+    swift: str | None = typer.Option(None, help="routed serving: the swift (compressed) model (default: the router's)"),
+    super_: str | None = typer.Option(None, "--super", help="routed serving: the super model (default: the router's)"),
+    router: Path | None = typer.Option(None, help="routed serving: router.json from `llmcomp route calibrate`; each "
+                                                  "request goes to swift or super after the swift prefill"),
+    activation_sparsity: float | None = typer.Option(
+        None, help="native: drop this fraction of each linear's inputs per token (TEAL/WINA); batch-1 decode "
+                   "reads only the kept weight columns"),
+    activation_criterion: str = typer.Option("wina", help="with --activation-sparsity: wina or teal"),
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/models, /v1/completions, /v1/chat/completions (streaming
     with SSE), plus /health and Prometheus /metrics (native engine)."""
     from llmcomp.loading import parse_dtype, resolve_source
 
     parse_dtype(dtype)  # one-line error for a bad dtype before anything heavy starts
+    if activation_sparsity is not None:
+        import os
+
+        from llmcomp.activation_sparsity import ActivationSettings
+
+        activation = ActivationSettings(activation_sparsity, activation_criterion)
+        activation.check()
+        if router is not None or swift is not None or super_ is not None:
+            raise LlmcompError("--activation-sparsity serves one MODEL (not routed)")
+        if engine is EngineChoice.vllm and not _has_activation_sparse_modules(model):
+            raise LlmcompError("with --engine vllm, --activation-sparsity applies to checkpoints compressed with "
+                               "the wina recipe only (dense compute there); use --engine native for any model")
+        os.environ.update(activation.to_env())  # the worker process (or vLLM's plugin) applies it after loading
     dtype = CANONICAL_DTYPES.get(dtype, dtype)
+    if router is not None or swift is not None or super_ is not None:
+        _serve_routed(model, swift, super_, router, engine, _native_options(
+            host, port, api_key, max_batch_size, max_queue, dtype, served_model_name, max_model_len, threads,
+            compile_step))
+        return
+    if model is None:
+        raise LlmcompError("give MODEL, or --router (with --swift/--super) for routed serving")
     source = resolve_source(model)  # materializes aliases; one-line error for a missing model
     name = served_model_name or model
     if engine is EngineChoice.vllm:
@@ -69,6 +99,44 @@ def serve(
     options = NativeOptions(host, port, api_key, max_batch_size, max_queue, dtype, name, max_model_len, threads,
                             compile=compile_step)
     run_native(source.location if source.kind == "dir" else model, options)
+
+
+def _native_options(*args: Any) -> Any:
+    """serve.server.NativeOptions, imported only when needed (it pulls in torch)."""
+    from llmcomp.serve.server import NativeOptions
+
+    return NativeOptions(*args)
+
+
+def _has_activation_sparse_modules(model: str | None) -> bool:
+    """Whether MODEL is a local llmcomp checkpoint with activation-sparse modules (a ``wina`` pass)."""
+    import json
+    from pathlib import Path
+
+    config = Path(model or "") / "config.json"
+    if not model or not config.is_file():
+        return False
+    modules = json.loads(config.read_text()).get("quantization_config", {}).get("modules", {})
+    return any(isinstance(m, dict) and m.get("kind") == "activation_sparse" for m in modules.values())
+
+
+def _serve_routed(model: str | None, swift: str | None, super_: str | None, router: Path | None,
+                  engine: EngineChoice, options: Any) -> None:
+    """``--swift A --super B --router R``: both models behind one native endpoint."""
+    from llmcomp.routing import load_router
+    from llmcomp.serve.routed_engine import run_routed_native
+
+    if router is None:
+        raise LlmcompError("routed serving needs --router router.json (llmcomp route calibrate writes one)")
+    if model is not None:
+        raise LlmcompError("routed serving takes --swift/--super instead of MODEL")
+    if engine is not EngineChoice.native:
+        raise LlmcompError("routed serving runs on the native engine (--engine vllm is not supported with --router)")
+    config = load_router(router)
+    swift, super_ = swift or config.swift, super_ or config.super
+    if swift is None or super_ is None:
+        raise LlmcompError("routed serving needs --swift and --super (or router.json naming them)")
+    run_routed_native(swift, super_, config, options)
 
 
 def _check_for_vllm(config_path: Path) -> None:

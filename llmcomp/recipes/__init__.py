@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from llmcomp.errors import RecipeError
 from llmcomp.passes.base import CompressionPass, PassConfig, pass_registry
@@ -26,7 +26,16 @@ class CalibrationConfig(BaseModel):
     num_samples: int = Field(32, gt=0, description="number of token windows")
     seq_len: int = Field(512, gt=0, description="tokens per window")
     data_file: str | None = Field(None, description="plain-text file; default: offline English text")
+    dataset: Literal["c4", "wikitext2"] | None = Field(
+        None, description="a hub corpus's *train* split instead (c4: en train shard 0; wikitext2: wikitext-2-raw-v1 "
+                          "train); needs the network; never an evaluation split")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationConfig:
+        if self.dataset is not None and self.data_file is not None:
+            raise ValueError("give calibration.data_file or calibration.dataset, not both")
+        return self
 
 
 class PassEntry(BaseModel):
