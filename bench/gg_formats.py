@@ -201,7 +201,7 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
         for dtype in (torch.bfloat16, torch.float32):
             names = [nm for nm in ("reference_codebook", "cpu_codebook_int8x2", "cpu_codebook_blocked")
                      if _KERNELS[nm].can_implement(mod.layout, torch.device("cpu"), dtype)[0]]
-            states = {nm: _KERNELS[nm].prepare(mod.layout, mod.tensors(), dtype) for nm in names}
+            states = {nm: _KERNELS[nm].prepare(mod.layout, mod.kernel_tensors(), dtype) for nm in names}
             for m in (1, 32):
                 x = torch.randn(m, k).to(dtype)
                 times: dict[str, list[float]] = {nm: [] for nm in names}

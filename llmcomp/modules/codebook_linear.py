@@ -11,14 +11,15 @@ codebook kernel on the CPU, the reference kernel anywhere.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from llmcomp import codebook, intquant
-from llmcomp.kernels.dispatch import CodebookLayout, CodebookTensors, codebook_weight, select_kernel
+from llmcomp.kernels.dispatch import CodebookLayout, CodebookTensors, codebook_weight
+from llmcomp.modules.kernel_module import KernelLinear
 from llmcomp.modules.registry import register_module
 from llmcomp.scheme import ModuleSpec, register_spec, spec_kinds
 
@@ -47,7 +48,7 @@ if "codebook" not in spec_kinds():
 
 
 @register_module("codebook")
-class CodebookLinear(nn.Module):
+class CodebookLinear(KernelLinear):
     """Weight-only codebook linear layer (8-bit or packed 2/3/4-bit codes, one table, group scales)."""
 
     kind = "codebook"
@@ -68,7 +69,6 @@ class CodebookLinear(nn.Module):
         self.register_buffer("weight_lut", torch.zeros(lut_shape, dtype=torch.float32))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._kernel_state: tuple[Any, Any, torch.device, torch.dtype] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -101,35 +101,11 @@ class CodebookLinear(nn.Module):
     def layout(self) -> CodebookLayout:
         return CodebookLayout(self.out_features, self.in_features, self.bits, self.group_size, self.per_row_table)
 
-    def tensors(self) -> CodebookTensors:
+    def kernel_tensors(self) -> CodebookTensors:
         return CodebookTensors(self.weight_packed, self.weight_lut, self.weight_scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return codebook_weight(self.layout, self.tensors(), dtype)
-
-    def _state_for(self, x: torch.Tensor) -> tuple[Any, Any]:
-        cached = self._kernel_state
-        if cached is not None and cached[2] == x.device and cached[3] == x.dtype:
-            return cached[0], cached[1]
-        kernel = select_kernel(self.layout, x.device, x.dtype)
-        state = kernel.prepare(self.layout, self.tensors(), x.dtype)
-        self._kernel_state = (kernel, state, x.device, x.dtype)
-        return kernel, state
-
-    def invalidate_kernel_cache(self) -> None:
-        self._kernel_state = None
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.invalidate_kernel_cache()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> CodebookLinear:
-        self.invalidate_kernel_cache()
-        return super()._apply(fn, recurse)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, state = self._state_for(x)
-        return kernel.apply(x, self.layout, state, self.bias)
+        return codebook_weight(self.layout, self.kernel_tensors(), dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "

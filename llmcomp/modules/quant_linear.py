@@ -7,19 +7,18 @@ plain ``load_state_dict``. The matmul goes through :func:`llmcomp.kernels.select
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from llmcomp import intquant
-from llmcomp.kernels.dispatch import QuantLayout, QuantTensors, select_kernel
+from llmcomp.kernels.dispatch import QuantLayout, QuantTensors
+from llmcomp.modules.kernel_module import KernelLinear
 from llmcomp.modules.registry import register_module
 from llmcomp.scheme import IntAffineSpec
 
 
 @register_module("int_affine")
-class QuantLinear(nn.Module):
+class QuantLinear(KernelLinear):
     """Weight-only quantized linear layer (int2/3/4/8, group-wise scales, optional zero points)."""
 
     kind = "int_affine"
@@ -53,7 +52,6 @@ class QuantLinear(nn.Module):
             self.weight_zero_point = None
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._kernel_state: tuple[Any, Any, torch.device, torch.dtype] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -93,31 +91,8 @@ class QuantLinear(nn.Module):
         q = intquant.unpack(self.weight_packed, self.bits, self.in_features)
         return intquant.dequantize(q, self.weight_scale, self.weight_zero_point, self.group_size, dtype)
 
-    def _state_for(self, x: torch.Tensor) -> tuple[Any, Any]:
-        """Select a kernel and let it repack once per (device, dtype); cached until weights change."""
-        cached = self._kernel_state
-        if cached is not None and cached[2] == x.device and cached[3] == x.dtype:
-            return cached[0], cached[1]
-        kernel = select_kernel(self.layout, x.device, x.dtype)
-        tensors = QuantTensors(self.weight_packed, self.weight_scale, self.weight_zero_point)
-        state = kernel.prepare(self.layout, tensors, x.dtype)
-        self._kernel_state = (kernel, state, x.device, x.dtype)
-        return kernel, state
-
-    def invalidate_kernel_cache(self) -> None:
-        self._kernel_state = None
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.invalidate_kernel_cache()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
-        self.invalidate_kernel_cache()
-        return super()._apply(fn, recurse)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, state = self._state_for(x)
-        return kernel.apply(x, self.layout, state, self.bias)
+    def kernel_tensors(self) -> QuantTensors:
+        return QuantTensors(self.weight_packed, self.weight_scale, self.weight_zero_point)
 
     def extra_repr(self) -> str:
         return (
