@@ -32,6 +32,7 @@ from llmcomp.calibration import calibration_batches, offline_calibration_text, o
 from llmcomp.eval.perplexity import compute_perplexity
 from llmcomp.hostinfo import cpu_summary
 from llmcomp.loading import load_model
+from llmcomp.modules.activation_sparse import ActivationSparseLinear
 from llmcomp.modules.quant_linear import QuantLinear
 from llmcomp.passes.base import set_submodule
 from llmcomp.passes.wina import calibrate_in_memory
@@ -88,6 +89,8 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"method": method, "sparsity": s, "perplexity": ppl(model),
                              "weighted_sparsity": round(summary["weight_weighted_sparsity"], 4)})
                 print(rows[-1], flush=True)
+                if args.partial is not None:  # a long grid keeps what it measured so far
+                    args.partial.write_text(json.dumps({"rows": rows, "calibration_seconds": calib}, indent=2))
         del model
     return {"text": text_desc, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
             "calibration": {"source": "offline calibration license texts", "samples": args.cal_samples,
@@ -109,9 +112,12 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     prompt = tok("The lighthouse keeper opened the bottle and read the message.")["input_ids"]
     variants: dict[str, tuple[nn.Module, float | None]] = {}
     for weights in args.weights.split(","):
-        model = copy.deepcopy(base)
-        if weights == "int4":
-            quantize_int4(model)
+        if weights == "int4" and args.int4_model:  # a checkpoint written by `llmcomp compress`
+            model = load_model(args.int4_model, dtype="bfloat16")[0]
+        else:
+            model = copy.deepcopy(base)
+            if weights == "int4":
+                quantize_int4(model)
         variants[f"{weights} dense"] = (model, None)
         sparsities = _floats(args.int4_sparsities if weights == "int4" and args.int4_sparsities else args.sparsities)
         for s in sparsities:
@@ -121,13 +127,16 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"criterion": args.criterion, "tokens_per_round": args.tokens, "rounds": args.rounds,
                            "results": []}
     for mode in args.modes.split(","):
-        runners = {}
+        runners, kernels = {}, {}
         for name, (model, _) in variants.items():
             t0 = time.perf_counter()
             r = ModelRunner(model, max_batch_size=1, max_model_len=len(prompt) + args.tokens * (args.rounds + 2) + 8,
                             compile=mode == "compiled", buckets=[1])
             r.warm_up()
             runners[name] = r
+            used = sorted({m._kernel_state[0].name for m in model.modules()
+                           if isinstance(m, ActivationSparseLinear) and m._kernel_state is not None})
+            kernels[name] = used
             print(f"{mode} {name}: ready in {time.perf_counter() - t0:.0f} s", flush=True)
         times: dict[str, list[float]] = {n: [] for n in runners}
         for r in runners.values():
@@ -144,7 +153,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
             med = statistics.median(ms)
             out["results"].append({"mode": mode, "variant": name, "ms_per_token": round(med, 2),
                                    "ms_all_rounds": [round(v, 2) for v in ms],
-                                   "speedup_vs_dense": round(dense_ms / med, 3)})
+                                   "speedup_vs_dense": round(dense_ms / med, 3),
+                                   "sparse_kernels": kernels.get(name, [])})
             print(out["results"][-1], flush=True)
         if args.partial is not None:  # a long compiled run keeps what it measured so far
             args.partial.write_text(json.dumps(out, indent=2))
@@ -163,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=float, default=0.05)
     parser.add_argument("--weights", default="bf16,int4")
     parser.add_argument("--int4-sparsities", default="", help="speed: int4 sparsities (default: --sparsities)")
-    parser.add_argument("--partial", type=Path, default=None, help="speed: write results after each mode here")
+    parser.add_argument("--int4-model", default="", help="speed: int4 checkpoint (default: RTN g32 in memory)")
+    parser.add_argument("--partial", type=Path, default=None,
+                        help="write results so far here (quality: after each row; speed: after each mode)")
     parser.add_argument("--criterion", default="wina")
     parser.add_argument("--modes", default="compiled")
     parser.add_argument("--tokens", type=int, default=16)

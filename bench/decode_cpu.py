@@ -23,6 +23,7 @@ import torch
 
 from llmcomp.cli.bench_cmd import DEFAULT_PROMPT, parse_modes, run_bench
 from llmcomp.hostinfo import cpu_summary
+from llmcomp.kernels.w4a8_cpu import isa_name as w4a8_isa_name
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu")
@@ -62,16 +63,19 @@ def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: 
     ``llama_threads`` adds llama.cpp on the embedded GGUF to every round (batch 1 only: the
     llama-cpp-python API decodes one sequence)."""
     from llmcomp.generation import generate
+    from llmcomp.kernels.dispatch import preferred_kernels
     from llmcomp.loading import load_model
     from llmcomp.runtime import ModelRunner
 
-    models = {s: load_model(s, dtype=dtype) for s in sources}
+    kernels = {s: kernel_choice(s) for s in sources}
+    models = {s: load_model(kernels[s][0], dtype=dtype) for s in sources}
     max_len = max(len(tok(DEFAULT_PROMPT)["input_ids"]) for _, tok in models.values()) + tokens
     runners, compile_s = {}, {}
     for source, (model, _) in models.items():
         for mode in modes:
-            runner = ModelRunner(model, max(sizes), max_len, compile=mode == "compiled", buckets=sizes)
-            compile_s[(source, mode)] = round(runner.warm_up(), 1)
+            with preferred_kernels(kernels[source][1]):
+                runner = ModelRunner(model, max(sizes), max_len, compile=mode == "compiled", buckets=sizes)
+                compile_s[(source, mode)] = round(runner.warm_up(), 1)
             runners[(source, mode)] = runner
     llama = LlamaCppDecoder(embedded_gguf(), llama_threads) if llama_threads else None
     times: dict[tuple[str, str, int], list[float]] = {(s, m, b): [] for (s, m) in runners for b in sizes}
@@ -81,8 +85,9 @@ def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: 
         for bs in sizes:
             for (source, mode), runner in runners.items():
                 model, tok = models[source]
-                res = generate(model, tok, [DEFAULT_PROMPT] * bs, max_new_tokens=tokens, stop_at_eos=False,
-                               runner=runner)
+                with preferred_kernels(kernels[source][1]):
+                    res = generate(model, tok, [DEFAULT_PROMPT] * bs, max_new_tokens=tokens, stop_at_eos=False,
+                                   runner=runner)
                 times[(source, mode, bs)].append(res.decode_seconds / max(res.decode_steps, 1))
             if llama is not None and bs == 1:
                 times[(llama.name, "native", 1)].append(llama.seconds_per_token(tokens))
@@ -97,6 +102,13 @@ def interleaved_bench(sources: list[str], sizes: list[int], tokens: int, dtype: 
                     "best_tokens_per_second": round(bs / ts[0], 2),
                     "median_tokens_per_second": round(bs / ts[len(ts) // 2], 2)})
     return {"dtype": dtype, "tokens": tokens, "results": out}
+
+
+def kernel_choice(source: str) -> tuple[str, str | None]:
+    """``PATH@k1+k2`` -> (PATH, "k1,k2"): the same checkpoint measured with kernels forced by name
+    (``+`` because ``--models`` is comma-separated), e.g. ``CK/fq-w4-aw@cpu_w4a8+cpu_int4pack``."""
+    path, _, names = source.partition("@")
+    return path, names.replace("+", ",") or None
 
 
 class LlamaCppDecoder:
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     result: dict[str, Any] = {
-        "meta": {"machine": cpu_summary(), "threads": args.threads,
+        "meta": {"machine": cpu_summary(), "threads": args.threads, "w4a8_isa": w4a8_isa_name(),
                  "torch": torch.__version__, "date": dt.datetime.now().isoformat(timespec="minutes"),
                  "command": " ".join(sys.argv)},
         "runs": [], "profiles": [],

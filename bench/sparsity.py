@@ -31,7 +31,8 @@ from llmcomp.loading import load_model, resolve_source
 from llmcomp.pipeline import compress
 from llmcomp.recipes import Recipe
 
-SPECS = {"50": {"sparsity": 0.5}, "60": {"sparsity": 0.6}, "70": {"sparsity": 0.7}, "2of4": {"pattern": "2:4"}}
+SPECS = {"50": {"sparsity": 0.5}, "60": {"sparsity": 0.6}, "70": {"sparsity": 0.7}, "2of4": {"pattern": "2:4"},
+         "4of8": {"pattern": "4:8"}}
 MASKS = ("magnitude", "wanda", "sparsegpt")
 STORE = {"type": "sparse_store"}
 ATTENTION = ["*.self_attn.*"]
@@ -54,6 +55,12 @@ def methods() -> dict[str, list[dict[str, Any]]]:
         out[f"dsnot-{mask}-60-attn"] = [{**base, "targets": ATTENTION}, {**mask_only, "ignore": ATTENTION}, STORE]
         out[f"dsnot-{mask}-60-public"] = [{**base, "targets": ATTENTION, "sign_rule": False},
                                           {**mask_only, "ignore": ATTENTION}, STORE]
+    # Beyond the paper (DSnoT on SparseGPT): per-row guard by output error; eps of the compensated layer.
+    for spec, fields in SPECS.items():
+        out[f"guarded-dsnot-sparsegpt-{spec}"] = [{"type": "dsnot", "initial": "sparsegpt", **fields, "guard": True},
+                                                  STORE]
+    out["guarded-cdsnot-sparsegpt-60"] = [{**out["guarded-dsnot-sparsegpt-60"][0], "error_reference": "compensated"},
+                                          STORE]
     out["sparsegpt-50-w4"] = [{"type": "sparsegpt", "sparsity": 0.5}, FQ4_AW, STORE]
     out["sparsegpt-50-w4-dense"] = [{"type": "sparsegpt", "sparsity": 0.5}, FQ4_AW]  # same, int4 stored dense
     out["fq-w4-aw"] = [FQ4_AW]
@@ -79,6 +86,9 @@ def linear_stats(reports: dict[str, Any]) -> dict[str, Any]:
         out["dsnot_swaps_per_row"] = sum(swaps) / len(swaps)
         out["dsnot_eps_ratio"] = sum(r["dsnot_eps_after"] / max(r["dsnot_eps_before"], 1e-30)
                                      for r in reports.values() if "dsnot_swaps" in r) / len(swaps)
+    guarded = [r["dsnot_guarded_rows"] for r in reports.values() if "dsnot_guarded_rows" in r]
+    if guarded:
+        out["dsnot_guarded_rows"] = sum(guarded) / len(guarded)
     return out
 
 
@@ -180,6 +190,11 @@ def table(paths: list[Path]) -> str:
             ta = f"{a['compress_seconds']:.0f}" if a else "-"
             tb = f"{b['compress_seconds']:.0f}" if b else "-"
             lines.append(f"| {mask} | {spec} | {pa} | {pb} | {change} | {swaps} | {ta} | {tb} |")
+            g = runs.get(f"guarded-dsnot-{mask}-{spec}")
+            if a and g:  # DSnoT with the per-row output-error guard (initial=sparsegpt only)
+                lines.append(f"| {mask}, DSnoT + guard | {spec} | {pa} | {g['perplexity']:.2f} | "
+                             f"{100 * (g['perplexity'] / a['perplexity'] - 1):+.1f}% | "
+                             f"{g.get('dsnot_swaps_per_row', 0):.1f} | {ta} | {g['compress_seconds']:.0f} |")
     lines += ["", "| method | perplexity | sparsity | bits/weight (linears) | bytes on disk | vs dense | kinds |",
               "|---|---|---|---|---|---|---|"]
     for name, r in runs.items():

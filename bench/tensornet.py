@@ -33,7 +33,7 @@ from llmcomp.modules.lowrank_linear import LowRankLinear
 from llmcomp.modules.mpo_linear import MPOLinear
 from llmcomp.passes.base import child_name, compressible_modules, pass_registry, set_submodule
 from llmcomp.passes.lowrank import FactorizedConfig, lowrank_rank, truncated_svd
-from llmcomp.passes.tensornet import TensorNetConfig, chi_for_ratio, mpo_decompose, plan_factors
+from llmcomp.passes.tensornet import TensorNetConfig, chi_for_ratio, mpo_decompose, plan_factors, quantize_cores
 from llmcomp.profiling import decoder_blocks
 from llmcomp.runtime import ModelRunner
 
@@ -111,12 +111,28 @@ def heal_in_memory(student: nn.Module, teacher: nn.Module, windows: torch.Tensor
     return {"steps": cfg.steps, "seconds": round(seconds, 1), "first": history[0], "last": history[-1]}
 
 
-def decode_speed(models: dict[str, nn.Module], tokens: int, rounds: int) -> dict[str, Any]:
+def make_runners(models: dict[str, nn.Module], max_len: int, compile: bool) -> tuple[dict[str, ModelRunner], str]:
+    """Batch-1 runners for every model: compiled (warmed up) if that works for all of them, else eager."""
+    if compile:
+        try:
+            runners = {n: ModelRunner(m, max_batch_size=1, max_model_len=max_len, compile=True)
+                       for n, m in models.items()}
+            seconds = {n: round(r.warm_up(), 1) for n, r in runners.items()}
+            return runners, f"compiled (torch.compile, warm-up seconds {seconds})"
+        except Exception as exc:  # noqa: BLE001 - any compile failure falls back to eager, recorded
+            print(f"compile failed, eager instead: {exc!r}"[:300], flush=True)
+            torch._dynamo.reset()
+            reason = f"eager (compile failed: {type(exc).__name__})"
+    else:
+        reason = "eager"
+    return {n: ModelRunner(m, max_batch_size=1, max_model_len=max_len) for n, m in models.items()}, reason
+
+
+def decode_speed(models: dict[str, nn.Module], tokens: int, rounds: int, compile: bool = False) -> dict[str, Any]:
     """Batch-1 decode tokens/s on the native runtime, models interleaved round by round."""
     prompt = list(range(100, 116))
     times: dict[str, list[float]] = {name: [] for name in models}
-    runners = {name: ModelRunner(m, max_batch_size=1, max_model_len=prompt.__len__() + tokens + 1)
-               for name, m in models.items()}
+    runners, mode = make_runners(models, len(prompt) + tokens + 1, compile)
     for _ in range(rounds):
         for name, runner in runners.items():
             runner.free(0)
@@ -128,8 +144,9 @@ def decode_speed(models: dict[str, nn.Module], tokens: int, rounds: int) -> dict
                     last = int(runner.decode([last])[0].argmax())
                 times[name].append(tokens / (time.perf_counter() - t0))
     base = statistics.median(times[next(iter(times))])
-    return {name: {"tokens_per_s": round(statistics.median(t), 2), "vs_first": round(statistics.median(t) / base, 3),
-                   "all": [round(x, 2) for x in t]} for name, t in times.items()}
+    rates = {name: {"tokens_per_s": round(statistics.median(t), 2), "vs_first": round(statistics.median(t) / base, 3),
+                    "all": [round(x, 2) for x in t]} for name, t in times.items()}
+    return {"mode": mode, **rates}
 
 
 def layer_speed(model: nn.Module, rounds: int, reps: int = 20) -> dict[str, Any]:
@@ -162,6 +179,54 @@ def layer_speed(model: nn.Module, rounds: int, reps: int = 20) -> dict[str, Any]
     return out
 
 
+def quantize_model_cores(model: nn.Module, bits: int, group: int) -> dict[str, Any]:
+    """Replace every MPO layer by its int-``bits`` core version in place; sizes as a checkpoint stores
+    them (codes, bf16 scales, int8 zero points). Computes in fp32 from the same stored values."""
+    core_bytes = float_bytes = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, MPOLinear):
+            continue
+        stored = MPOLinear.from_cores([c.detach().to(STORAGE_DTYPE) for c in module.cores], module.bias, STORAGE_DTYPE)
+        qmod = quantize_cores(stored, bits, group)
+        core_bytes += qmod.storage_bytes
+        float_bytes += stored.storage_bytes
+        set_submodule(model, name, qmod.float())
+    dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not model.lm_head)
+    return {"core_bits": bits, "core_group_size": group, "core_mb": core_bytes / 1e6,
+            "float_core_mb": float_bytes / 1e6, "decoder_linear_mb": (dense * BYTES_PER_PARAM + core_bytes) / 1e6}
+
+
+def quant_cores_rows(dense: nn.Module, tok: Any, text: str, args: argparse.Namespace,
+                     save: Any, result: dict[str, Any]) -> None:
+    """MPO at ``--ratios`` (first) with int cores, unhealed and (``--healed``) healed, at every ``--core-bits``."""
+    ratio = float(args.ratios.split(",")[0])
+    base = copy.deepcopy(dense)
+    info = factorize(base, "tensornet", ratio, {})
+    variants = [("unhealed", base)]
+    if args.healed is not None:
+        healed = copy.deepcopy(base)
+        state = torch.load(args.healed)
+        params = trainable_parameters(healed)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+        round_factors(healed)
+        variants.append(("healed", healed))
+    for label, model in variants:
+        for bits in (int(b) for b in args.core_bits.split(",")):
+            q = copy.deepcopy(model)
+            t1 = time.perf_counter()
+            row = {"method": "tensornet", "ratio": ratio, "cores": f"int{bits}", "state": label,
+                   "kept_params": info["kept_params"], "targeted_params": info["targeted_params"],
+                   **quantize_model_cores(q, bits, args.core_group)}
+            row["perplexity"] = perplexity(q, tok, text, args)
+            row["seconds"] = round(time.perf_counter() - t1, 1)
+            print(json.dumps(row), flush=True)
+            result["rows"].append(row)
+            save()
+            del q
+
+
 def spectra_errors(model: nn.Module, ratios: list[float]) -> dict[str, Any]:
     """Relative weight error of every targeted layer at each ratio, MPO (2 cores) vs low rank, exactly
     from singular values (the truncation error of both is the discarded spectrum): no evaluation."""
@@ -186,6 +251,13 @@ def spectra_errors(model: nn.Module, ratios: list[float]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The docs/BENCHMARKS.md tables from a results file."""
+    if "dense_perplexity" not in result:  # a --quant-cores file
+        lines = ["| MPO ratio, cores | state | core MB | decoder linears MB | perplexity |", "|---|---|---|---|---|"]
+        for row in result["rows"]:
+            lines.append(f"| {row['ratio']}, {row['cores']} (groups of {row['core_group_size']}) | {row['state']} | "
+                         f"{row['core_mb']:.1f} (bf16: {row['float_core_mb']:.1f}) | {row['decoder_linear_mb']:.1f} | "
+                         f"{row['perplexity']:.2f} |")
+        return "\n".join(lines)
     dense = result["dense_perplexity"]
     lines = [f"Dense (bf16 weights, fp32 evaluation): perplexity {dense:.3f}.", "",
              "| method | kept params (targeted layers) | decoder linears MB (bf16) | weight rel. error | perplexity "
@@ -197,7 +269,11 @@ def markdown(result: dict[str, Any]) -> str:
                      f"| {row['mean_rel_error']:.3f} | {row['perplexity']:.2f} | {healed} |")
     if "decode" in result:
         lines += ["", "| model (fp32, batch 1) | tokens/s (median) | vs dense | runs |", "|---|---|---|---|"]
+        lines.insert(-2, f"Decode runtime: {result['decode'].get('mode', 'eager')}.")
+        lines.insert(-2, "")
         for name, d in result["decode"].items():
+            if name == "mode":
+                continue
             lines.append(f"| {name} | {d['tokens_per_s']:.2f} | {d['vs_first']:.2f}x | {d['all']} |")
     return "\n".join(lines)
 
@@ -222,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--decode-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="time decode on the compiled runtime (eager if it fails)")
+    ap.add_argument("--save-healed", type=Path, help="save each healed model's factors here (METHOD-RATIO.pt)")
+    ap.add_argument("--quant-cores", action="store_true",
+                    help="only MPO at the first --ratios with int cores (--core-bits), unhealed and --healed")
+    ap.add_argument("--core-bits", default="8,4")
+    ap.add_argument("--core-group", type=int, default=64)
+    ap.add_argument("--healed", type=Path, help="healed factors (from --save-healed) for --quant-cores")
     ap.add_argument("--out", type=Path, default=Path("bench/results/tensornet.json"))
     args = ap.parse_args(argv)
     if args.report is not None:
@@ -260,6 +343,13 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(result, indent=2))
 
     t0 = time.perf_counter()
+    if args.quant_cores:  # the healing, if any, happened in the run that saved --healed
+        result.pop("heal")
+        result["healed_factors"] = None if args.healed is None else str(args.healed)
+        quant_cores_rows(dense, tok, text, args, save, result)
+        result["total_seconds"] = round(time.perf_counter() - t0, 1)
+        save()
+        return
     result["dense_perplexity"] = perplexity(dense, tok, text, args)
     print(f"dense ppl {result['dense_perplexity']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     save()
@@ -278,15 +368,24 @@ def main(argv: list[str] | None = None) -> None:
                 row["heal"] = heal_in_memory(model, dense, windows, heal_cfg)
                 row["healed_perplexity"] = perplexity(model, tok, text, args)
                 print(f"  healed: {row['healed_perplexity']:.3f} {row['heal']}", flush=True)
+                if args.save_healed is not None:
+                    args.save_healed.mkdir(parents=True, exist_ok=True)
+                    torch.save({k: v.detach().clone() for k, v in trainable_parameters(model).items()},
+                               args.save_healed / f"{method}-{ratio}.pt")
+                    round_factors(model)
             result["rows"].append(row)
             save()
             if ratio == 0.5:
                 keep[method] = model
             else:
                 del model
-    if args.decode_tokens and keep:
-        result["decode"] = decode_speed({"dense": dense, **keep}, args.decode_tokens, args.decode_rounds)
-        print(json.dumps(result["decode"]), flush=True)
+            if args.decode_tokens and "decode" not in result and len(keep) == len(args.methods.split(",")):
+                # As soon as every method's 0.5 model exists: dense and them, interleaved.
+                result["decode"] = decode_speed({"dense": dense, **keep}, args.decode_tokens, args.decode_rounds,
+                                                args.compile)
+                print(json.dumps(result["decode"]), flush=True)
+                save()
+                keep.clear()
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     save()
 

@@ -144,29 +144,23 @@ def applied_at_load(settings: ActivationSettings, skip: int = 0) -> Iterator[lis
     """Within the block, every :func:`llmcomp.loading.load_model` applies ``settings`` to what it loads
     (except the first ``skip`` loads: a baseline evaluated first stays dense).
 
-    Why a context: evaluation loads each model deep inside its runner; this keeps that code
-    unaware of activation sparsity. Yields the list of summaries (one per model loaded).
+    Why a context: evaluation loads each model deep inside its runner; the post-load callback of
+    :mod:`llmcomp.loading` keeps that code unaware of activation sparsity. Yields the list of
+    summaries (one per model loaded).
     """
-    import llmcomp.loading as loading
+    from llmcomp.loading import post_load_callback
 
     settings.check()
     summaries: list[dict[str, Any]] = []
     if settings.sparsity is None:
         yield summaries
         return
-    original = loading.load_model
-
     loads = [0]
 
-    def load_model(*args: Any, **kwargs: Any):
-        model, tokenizer = original(*args, **kwargs)
+    def apply(model: Any) -> None:
         loads[0] += 1
         if loads[0] > skip:
             summaries.append(settings.apply(model) or {})
-        return model, tokenizer
 
-    loading.load_model = load_model
-    try:
+    with post_load_callback(apply):
         yield summaries
-    finally:
-        loading.load_model = original

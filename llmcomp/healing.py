@@ -225,6 +225,9 @@ def heal(ckpt: str | Path, teacher: str, output: str | Path, cfg: HealConfig | N
         raise CheckpointError(f"{output} already exists; pass --overwrite to replace it")
     student, tokenizer = load_model(resolve_source(str(ckpt)), dtype=torch.float32)
     params = trainable_parameters(student)
+    if not params and any(getattr(m, "core_bits", None) is not None for m in student.modules()):
+        raise LlmcompError(f"{ckpt} stores int-quantized MPO cores (core_bits), which do not train: heal a "
+                           "float-core checkpoint, then quantize its cores")
     if not params:
         raise LlmcompError(f"{ckpt} has no {'/'.join(HEALABLE_KINDS)} modules: nothing to heal "
                            "(compress with the tensornet or lowrank pass first)")

@@ -11,8 +11,11 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -134,6 +137,22 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
 
 
+_POST_LOAD_CALLBACKS: list[Callable[[Any], None]] = []
+
+
+@contextmanager
+def post_load_callback(fn: Callable[[Any], None]) -> Iterator[None]:
+    """Within the block, every :func:`load_model` passes the model it loaded to ``fn`` (in place).
+
+    Why: load-time options such as ``--activation-sparsity`` must reach models that evaluation
+    loads deep inside its runners, without threading the option through each of them."""
+    _POST_LOAD_CALLBACKS.append(fn)
+    try:
+        yield
+    finally:
+        _POST_LOAD_CALLBACKS.remove(fn)
+
+
 def load_model(
     source: str | ModelSource,
     dtype: str | torch.dtype = "auto",
@@ -153,4 +172,6 @@ def load_model(
     except OSError as exc:
         raise LlmcompError(f"cannot load {src.location}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
+    for fn in list(_POST_LOAD_CALLBACKS):
+        fn(model)
     return model, load_tokenizer(src, trust_remote_code)

@@ -6,6 +6,11 @@ measured, and the layer is restored. CompactifAI reports that the first blocks a
 projection are the sensitive ones; this measures it per model. The result is a table, a heat map
 (block x layer type) and a plan: a recipe whose ``overrides`` keep the most expensive layers dense
 (cost per parameter saved) and compress the rest.
+
+Cost: one forward per layer, but a layer of block ``i`` cannot change what enters block ``i``, so
+the inputs of every block are recorded once and each measurement runs only blocks ``i`` onwards
+(the earlier blocks are swapped for stand-ins that replay the recorded input): the same numbers
+for about 60% of the compute.
 """
 
 from __future__ import annotations
@@ -75,6 +80,81 @@ def build_pass(pass_type: str, config: dict[str, Any]):
     return cls(cls.Config.model_validate(config))
 
 
+class _Replay(nn.Module):
+    """Stands in for block 0 while block ``i`` is measured: returns block ``i``'s recorded input for
+    the current batch (``batch`` is set by the caller), in the structure the real blocks return."""
+
+    def __init__(self, inputs: list[torch.Tensor], as_tuple: bool) -> None:
+        super().__init__()
+        self.inputs, self.as_tuple, self.batch = inputs, as_tuple, 0
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.inputs[self.batch]
+        return (out,) if self.as_tuple else out
+
+
+class _Skip(nn.Module):
+    """Stands in for blocks 1..i-1: passes the replayed hidden state through."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+def _batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [ids[start:start + batch_size] for start in range(0, ids.shape[0], batch_size)]
+
+
+def record_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
+                        batch_size: int) -> tuple[float, list[list[torch.Tensor]], bool]:
+    """One forward: the mean NLL, every block's input hidden state per batch, and whether blocks
+    return tuples (older transformers) or tensors."""
+    inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+    as_tuple = [False]
+
+    def pre_hook(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[i].append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        return hook
+
+    def out_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        as_tuple[0] = isinstance(output, tuple)
+
+    handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles.append(blocks[0].register_forward_hook(out_hook))
+    try:
+        nll = mean_nll(model, ids, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return nll, inputs, as_tuple[0]
+
+
+def mean_nll_from(model: nn.Module, blocks: nn.ModuleList, start: int, inputs: list[torch.Tensor], as_tuple: bool,
+                  ids: torch.Tensor, batch_size: int) -> float:
+    """:func:`mean_nll` computing only blocks ``start`` onwards from their recorded ``inputs``."""
+    if start == 0:
+        return mean_nll(model, ids, batch_size)
+    saved = [blocks[j] for j in range(start)]
+    replay = _Replay(inputs, as_tuple)
+    blocks[0] = replay
+    for j in range(1, start):
+        blocks[j] = _Skip(as_tuple)
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for b, batch in enumerate(_batches(ids, batch_size)):
+                replay.batch = b
+                total += float(model(batch, labels=batch, use_cache=False).loss) * batch.shape[0]
+    finally:
+        for j, block in enumerate(saved):
+            blocks[j] = block
+    return total / ids.shape[0]
+
+
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     from llmcomp.pipeline import find_decoder_layers
 
@@ -87,7 +167,7 @@ def profile_model(model: nn.Module, ids: torch.Tensor, pass_type: str, config: d
     """Cost of compressing each (block, layer type) alone; ``model`` is restored afterwards."""
     p = build_pass(pass_type, config)
     prefix, blocks = decoder_blocks(model)
-    base = mean_nll(model, ids, batch_size)
+    base, inputs, as_tuple = record_block_inputs(model, blocks, ids, batch_size)
     profile = Profile(pass_type, config, base, int(ids.numel() - ids.shape[0]))
     for i, block in enumerate(blocks):
         for layer_type in LAYER_TYPES:
@@ -97,7 +177,7 @@ def profile_model(model: nn.Module, ids: torch.Tensor, pass_type: str, config: d
             replacement, report = p.compress_module(name, linear, state, None)
             set_submodule(block, layer_type, replacement)
             try:
-                delta = mean_nll(model, ids, batch_size) - base
+                delta = mean_nll_from(model, blocks, i, inputs[i], as_tuple, ids, batch_size) - base
             finally:
                 set_submodule(block, layer_type, linear)
             profile.costs.append(LayerCost(name, i, layer_type, delta, linear.weight.numel() - report["params"],

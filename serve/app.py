@@ -454,16 +454,22 @@ async def _run(
 ) -> Response:
     rid = fmt.new_id("chatcmpl" if job.chat else "cmpl")
     choices = [fmt.ChoiceState(prompt_tokens=len(ids), prompt_index=index) for ids, _, index in job.sequences]
-    routes: list[str | None] = [None] * len(choices)  # routed serving: the model answering each choice
+    routes: list[str | None] = [None] * len(choices)  # routed serving: swift, super or mixed per choice
+    energies: list[float | None] = [None] * len(choices)  # routed serving: the first decision's energy
+    swift_tokens = [0] * len(choices)  # routed serving: completion tokens the swift model produced
     seen_token = False
 
     def record(i: int, ev: RequestOutput) -> None:
         nonlocal seen_token
         c = choices[i]
         route = getattr(ev, "routed_to", None)
-        if route is not None and routes[i] is None:
-            routes[i] = route
-            metrics.observe_route(route, getattr(ev, "energy", None))
+        if route is not None:
+            if routes[i] is None:
+                routes[i], energies[i] = route, getattr(ev, "energy", None)
+            elif routes[i] != route:
+                routes[i] = "mixed"  # token mode: the super model took over after swift tokens
+            if route == "swift":
+                swift_tokens[i] = ev.completion_tokens
         c.text.append(ev.text)
         c.logprobs.extend(ev.logprobs)
         c.completion_tokens = ev.completion_tokens
@@ -473,7 +479,15 @@ async def _run(
         if ev.finished:
             c.finish_reason = ev.finish_reason
 
+    def deferred(i: int) -> int:
+        """Completion tokens the super model produced (counted from usage: a remote super model's
+        events carry text, not token ids)."""
+        return choices[i].completion_tokens - swift_tokens[i] if routes[i] in ("super", "mixed") else 0
+
     def account() -> None:
+        for i, (route, value) in enumerate(zip(routes, energies, strict=True)):
+            if route is not None:
+                metrics.observe_route(route, value, deferred(i))
         metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
         use = fmt.usage(choices)
         metrics.prompt_tokens.inc(use["prompt_tokens"])
@@ -494,15 +508,16 @@ async def _run(
         if answered is None:
             return JSONResponse(body)
         for i, choice in enumerate(body["choices"]):
-            choice["routed_to"] = routes[i]
-        body["routed_to"] = answered
+            choice["routed_to"], choice["deferred_tokens"] = routes[i], deferred(i)
+        body["routed_to"], body["deferred_tokens"] = answered, sum(deferred(i) for i in range(len(choices)))
         return JSONResponse(body, headers={ROUTED_HEADER: answered})
 
     events = submission.events(None)
     first: list[tuple[int, RequestOutput]] = []
     if getattr(engine, "router_config", None) is not None:
         # The routing decision comes with the first event (after prefill): wait for it, so the
-        # answering model can go into the response headers.
+        # answering model can go into the response headers (token mode: the model of the first
+        # token; each chunk names the model of its own tokens).
         try:
             first.append(await events.__anext__())
         except StopAsyncIteration:
@@ -534,14 +549,14 @@ async def _run(
                     if ev.text or delta:
                         delta["content"] = ev.text
                     lps = fmt.chat_logprobs(ev.logprobs, token_text) if job.want_logprobs else None
-                    yield _sse(_with_route(fmt.chat_chunk(rid, job.model, i, delta, lps, ev.finish_reason), routes[i]))
+                    yield _sse(_with_route(fmt.chat_chunk(rid, job.model, i, delta, lps, ev.finish_reason), ev))
                 else:
                     lps = None
                     if job.want_logprobs:
                         lps = fmt.completion_logprobs(ev.logprobs, token_text, offsets[i])
                         offsets[i] += sum(len(t) for t in lps["tokens"])
                     yield _sse(_with_route(fmt.completion_chunk(rid, job.model, i, ev.text, lps, ev.finish_reason),
-                                           routes[i]))
+                                           ev))
             if job.include_usage:
                 obj = "chat.completion.chunk" if job.chat else "text_completion"
                 yield _sse(fmt.usage_chunk(rid, job.model, obj, choices))
@@ -552,8 +567,9 @@ async def _run(
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
-def _with_route(chunk: dict[str, Any], route: str | None) -> dict[str, Any]:
-    """Routed serving: each streamed choice names its answering model."""
+def _with_route(chunk: dict[str, Any], ev: RequestOutput) -> dict[str, Any]:
+    """Routed serving: each streamed chunk names the model that produced its tokens."""
+    route = getattr(ev, "routed_to", None)
     if route is not None:
         for choice in chunk["choices"]:
             choice["routed_to"] = route

@@ -32,17 +32,21 @@ class ServerMetrics:
         self.router_energy = Histogram("llmcomp_router_energy", "Routed serving: swift energy after prefill",
                                        buckets=ENERGY_BUCKETS, registry=r)
         self.deferrals = Counter("llmcomp_router_deferrals", "Routed serving: requests the swift model deferred "
-                                 "to the super model", registry=r)
+                                 "to the super model (after prefill, or mid-generation in token mode)", registry=r)
+        self.deferred_tokens = Counter("llmcomp_router_deferred_tokens", "Routed serving: tokens the super model "
+                                       "produced", registry=r)
         self.worker_restarts = Counter("llmcomp_worker_restarts", "Model worker processes that died and were "
                                        "restarted, by cause (signal or exit status)", ["cause"], registry=r)
 
-    def observe_route(self, model: str, energy: float | None) -> None:
-        """One routing decision (a choice of a routed request)."""
+    def observe_route(self, model: str, energy: float | None, super_tokens: int = 0) -> None:
+        """One routed choice: its model (swift, super, or mixed when the super model took over
+        mid-generation), the first decision's energy, the tokens the super model produced."""
         self.routed.labels(model=model).inc()
         if energy is not None:
             self.router_energy.observe(energy)
-        if model == "super":
+        if model != "swift":
             self.deferrals.inc()
+        self.deferred_tokens.inc(super_tokens)
 
     def render(self, waiting: int, active: int) -> bytes:
         self.queue_depth.set(waiting)

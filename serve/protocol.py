@@ -189,7 +189,11 @@ class Usage(_Response):
 
 FinishReason = Literal["stop", "length"]
 RoutedTo = Literal["swift", "super"]
-ROUTED_TO_DESCRIPTION = "routed serving (--router) only: the model that answered this choice"
+ChoiceRoutedTo = Literal["swift", "super", "mixed"]
+ROUTED_TO_DESCRIPTION = "routed serving (--router) only: the model that produced these tokens"
+CHOICE_ROUTED_TO_DESCRIPTION = ("routed serving (--router) only: the model that answered this choice (mixed: the "
+                                "super model took over after swift tokens, router mode token)")
+DEFERRED_DESCRIPTION = "routed serving only: how many of the completion tokens the super model produced (the last ones)"
 
 
 class CompletionLogprobs(_Response):
@@ -204,7 +208,8 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
-    routed_to: RoutedTo | None = Field(default=None, description=ROUTED_TO_DESCRIPTION)
+    routed_to: ChoiceRoutedTo | None = Field(default=None, description=CHOICE_ROUTED_TO_DESCRIPTION)
+    deferred_tokens: int | None = Field(default=None, ge=0, description=DEFERRED_DESCRIPTION)
 
 
 class CompletionResponse(_Response):
@@ -215,7 +220,9 @@ class CompletionResponse(_Response):
     choices: list[CompletionChoice]
     usage: Usage
     routed_to: RoutedTo | Literal["mixed"] | None = Field(
-        default=None, description="routed serving only: the answering model (mixed: choices differ)")
+        default=None, description="routed serving only: the answering model (mixed: choices differ, or the "
+        "super model took over mid-generation)")
+    deferred_tokens: int | None = Field(default=None, ge=0, description=DEFERRED_DESCRIPTION)
 
 
 class CompletionChunkChoice(_Response):
@@ -261,7 +268,8 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason
-    routed_to: RoutedTo | None = Field(default=None, description=ROUTED_TO_DESCRIPTION)
+    routed_to: ChoiceRoutedTo | None = Field(default=None, description=CHOICE_ROUTED_TO_DESCRIPTION)
+    deferred_tokens: int | None = Field(default=None, ge=0, description=DEFERRED_DESCRIPTION)
 
 
 class ChatCompletionResponse(_Response):
@@ -272,7 +280,9 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage
     routed_to: RoutedTo | Literal["mixed"] | None = Field(
-        default=None, description="routed serving only: the answering model (mixed: choices differ)")
+        default=None, description="routed serving only: the answering model (mixed: choices differ, or the "
+        "super model took over mid-generation)")
+    deferred_tokens: int | None = Field(default=None, ge=0, description=DEFERRED_DESCRIPTION)
 
 
 class ChatDelta(_Response):

@@ -1,17 +1,25 @@
-"""Serve a swift and a super model behind one engine interface, routed per request after prefill.
+"""Serve a swift and a super model behind one engine interface, routed per request or per token.
 
 Every request is prefilled by the swift model's engine. When its prompt is in the KV cache, the
 logits after the last prompt token give the swift energy; at or below ``tau`` the swift engine
 goes on decoding as usual (the prefill is not wasted), above it the sequence leaves the swift
 engine (its slot is freed at once) and is submitted, with the same prompt and sampling
-parameters, to the super model's engine, which prefills it into its own KV cache. The two
-engines never share a KV cache, so nothing has to be kept consistent between them: a deferred
-request's swift cache is simply dropped. Every event carries the answering model and the energy
-(:class:`RoutedOutput`), which the HTTP layer turns into a response field, a header and
-``/metrics`` counters. ``tau`` (and ``T``) can be changed while serving
-(:meth:`RoutedEngine.update_router`); the next decision uses the new value.
+parameters, to the super model's engine, which prefills it into its own KV cache.
 
-Token-level deferral during generation is not implemented: a request is answered by one model.
+``mode: token`` (router.json) also decides at every later swift step: when the energy of the
+logits for the next token is above ``tau``, that token and the rest of the request are the super
+model's (takeover). The sequence leaves the swift batch and enters the super engine with the
+prompt plus the tokens generated so far as its "prompt", so the super KV cache is caught up by
+one chunked prefill; it keeps the swift sequence's detokenizer (text and stop strings continue
+across the switch) and random generator, and its ``max_tokens`` is what is left.
+
+The two engines never share a KV cache, so nothing has to be kept consistent between them: a
+deferred request's swift cache is simply dropped, and the super cache is built from the token
+ids. Every event carries the model that produced its tokens and the first decision's energy
+(:class:`RoutedOutput`), which the HTTP layer turns into response fields (``routed_to``:
+swift, super or mixed; ``deferred_tokens``), a header and ``/metrics`` counters. ``tau`` (and
+``T``) can be changed while serving (:meth:`RoutedEngine.update_router`); the next decision uses
+the new value.
 """
 
 from __future__ import annotations
@@ -31,25 +39,32 @@ from llmcomp.serve.engine import (
     DEFAULT_MAX_QUEUE,
     EngineClosedError,
     QueueFullError,
+    RequestHandle,
     RequestOutput,
     Sink,
+    _Sequence,
 )
 from llmcomp.serve.engine import Engine as _Engine
 
 
 @dataclass
 class RoutedOutput(RequestOutput):
-    """A :class:`RequestOutput` that says which model produced it and the swift energy."""
+    """A :class:`RequestOutput` that says which model produced its tokens and the swift energy."""
 
     routed_to: str | None = None  # "swift" | "super"; None when the request failed before the decision
-    energy: float | None = None
+    energy: float | None = None  # the first decision's (after prefill)
 
 
-def with_route(ev: RequestOutput, decision: Decision | None) -> RoutedOutput:
+def with_route(ev: RequestOutput, model: str | None, decision: Decision | None,
+               prompt_tokens: int | None = None, earlier_tokens: int = 0) -> RoutedOutput:
+    """``ev`` labelled with its model; a takeover's counts are made the whole request's."""
     fields = {f.name: getattr(ev, f.name) for f in dataclasses.fields(RequestOutput)}
+    if prompt_tokens is not None:
+        fields["prompt_tokens"] = prompt_tokens
+    fields["completion_tokens"] += earlier_tokens
     if decision is None:
         return RoutedOutput(**fields)
-    return RoutedOutput(**fields, routed_to=decision.model, energy=decision.energy)
+    return RoutedOutput(**fields, routed_to=model, energy=decision.energy)
 
 
 class _Route:
@@ -57,33 +72,53 @@ class _Route:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self.decision: Decision | None = None
+        self.decision: Decision | None = None  # the first one (after prefill)
         self.swift_handle: Any = None
         self.super_handle: Any = None
         self.cancelled = False
-        self.forget: Callable[[], None] | None = None  # drops the route when it ends before a decision
+        self.prompt_tokens: int | None = None  # set at a takeover: the super "prompt" includes swift tokens
+        self.swift_tokens = 0  # tokens the swift model produced before the super model took over
+        self.forget: Callable[[], None] | None = None  # drops the route when the swift part ends
 
     def swift_event(self, ev: RequestOutput) -> None:
-        if ev.finished and self.decision is None and self.forget is not None:
-            self.forget()  # cancelled or failed while prefilling
-        self.sink(with_route(ev, self.decision))
+        if ev.finished and self.forget is not None:
+            self.forget()  # finished, cancelled or failed on the swift engine
+        self.sink(with_route(ev, SWIFT, self.decision))
 
     def super_event(self, ev: RequestOutput) -> None:
-        self.sink(with_route(ev, self.decision))
+        self.sink(with_route(ev, SUPER, self.decision, self.prompt_tokens, self.swift_tokens))
 
 
 class _SwiftEngine(_Engine):
-    """The swift model's engine: the first token after a prefill is where the router decides."""
+    """The swift model's engine: the router sees the logits of every token before it is sampled
+    into the sequence (request mode decides only at the first)."""
 
-    def __init__(self, *args: Any, on_prefilled: Callable[[Any, torch.Tensor], bool], **kwargs: Any) -> None:
-        self._on_prefilled = on_prefilled  # set before Engine starts its thread
+    def __init__(self, *args: Any, on_token: Callable[[Any, torch.Tensor], bool], **kwargs: Any) -> None:
+        self._on_token = on_token  # set before Engine starts its thread
         super().__init__(*args, **kwargs)
 
     def _append_token(self, seq: Any, logits: torch.Tensor, token: int) -> bool:
-        if not seq.output_ids and self._on_prefilled(seq, logits):
+        if self._on_token(seq, logits):
             seq.done = True  # handed to the super engine: leaves this batch without an event
             return True
         return super()._append_token(seq, logits, token)
+
+
+class _SuperEngine(_Engine):
+    """The super model's engine; also takes over sequences the swift engine started."""
+
+    def submit_takeover(self, ids: list[int], params: SamplingParams, sink: Sink, detok: Any,
+                        generator: torch.Generator) -> RequestHandle:
+        """Continue a swift sequence: ``ids`` = prompt + swift tokens (prefilled in chunks), the
+        swift detokenizer and generator carry on. Admitted past the queue bound and ahead of the
+        waiting requests: its client is already being answered."""
+        seq = _Sequence(next(self._ids), list(ids), params, sink, detok, generator)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("engine is shut down")
+            self._waiting.appendleft(seq)
+            self._cond.notify()
+        return RequestHandle(seq, self)
 
 
 class RoutedHandle:
@@ -107,26 +142,30 @@ class RoutedEngine:
     def __init__(self, swift_model: Any, super_model: Any, tokenizer: Any, config: RouterConfig,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
                  context_length: int | None = None, compile: bool = False,
-                 progress: Callable[[str], None] | None = None) -> None:
-        if config.mode != "request":
-            raise ValueError(f"router mode {config.mode!r} is not served; only 'request' (after prefill) is")
+                 progress: Callable[[str], None] | None = None, super_engine: Any = None) -> None:
+        """``super_engine`` (e.g. a :class:`~llmcomp.serve.remote_engine.RemoteEngine`) replaces
+        a local engine for ``super_model`` (then None); per-request mode only."""
         if config.energy_over != "vocab":
             raise ValueError("a served router takes the energy over the vocabulary (energy_over: vocab); "
                              "'choices' exists only for scoring tasks")
-        if int(swift_model.config.vocab_size) != int(super_model.config.vocab_size):
+        if super_engine is not None and config.mode == "token":
+            raise ValueError("router mode 'token' needs the super model in this server (a takeover continues the "
+                             "swift tokens in its KV cache); use mode 'request' with a remote super model")
+        if super_engine is None and int(swift_model.config.vocab_size) != int(super_model.config.vocab_size):
             raise ValueError("the swift and super models have different vocabularies")
         self.router = Router(config)
         self.tokenizer = tokenizer
-        self.counts = {SWIFT: 0, SUPER: 0}
+        self.counts = {SWIFT: 0, SUPER: 0}  # first decisions (after prefill)
+        self.takeovers = 0  # token mode: requests the super model took over after swift tokens
         self._lock = threading.Lock()
         self._routes: dict[int, _Route] = {}
         say = progress or (lambda _m: None)
         say("super model engine")
-        self.super = _Engine(super_model, tokenizer, max_batch_size, max_queue, context_length, compile=compile,
-                             progress=progress)
+        self.super = super_engine or _SuperEngine(super_model, tokenizer, max_batch_size, max_queue, context_length,
+                                                  compile=compile, progress=progress)
         say("swift model engine")
         self.swift = _SwiftEngine(swift_model, tokenizer, max_batch_size, max_queue, context_length,
-                                  compile=compile, progress=progress, on_prefilled=self._decide)
+                                  compile=compile, progress=progress, on_token=self._decide)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.context_length = min(self.swift.context_length, self.super.context_length)
         self.eos_ids = self.swift.eos_ids
@@ -177,17 +216,35 @@ class RoutedEngine:
 
     # -- the decision (swift engine thread) ---------------------------------------------------------
     def _decide(self, seq: Any, logits: torch.Tensor) -> bool:
-        """Route one prefilled request; True when it was handed to the super engine."""
-        decision = self.router.decide(logits)
+        """Route one swift step (the logits for its next token); True when the super engine takes
+        the sequence over. Request mode decides only at the first token, token mode at each."""
+        first = not seq.output_ids
+        config = self.router.config
+        if not first and config.mode != "token":
+            return False
         with self._lock:
-            route = self._routes.pop(seq.id)
-            route.forget = None
-            self.counts[decision.model] += 1
-        route.decision = decision
+            route = self._routes.get(seq.id)
+        if route is None:  # cannot happen while the sequence is live; never fail a step for it
+            return False
+        decision = self.router.decide(logits)
+        if first:
+            route.decision = decision
+            with self._lock:
+                self.counts[decision.model] += 1
         if not decision.deferred:
             return False
+        with self._lock:
+            self._routes.pop(seq.id, None)
+            route.forget = None
+            self.takeovers += not first
         try:
-            route.super_handle = self.super.submit(seq.prompt_ids, seq.params, route.super_event)
+            if first:  # the whole request: as if it had been sent to the super model
+                route.super_handle = self.super.submit(seq.prompt_ids, seq.params, route.super_event)
+            else:
+                route.prompt_tokens, route.swift_tokens = len(seq.prompt_ids), len(seq.output_ids)
+                params = dataclasses.replace(seq.params, max_tokens=seq.params.max_tokens - len(seq.output_ids))
+                route.super_handle = self.super.submit_takeover(seq.prompt_ids + seq.output_ids, params,
+                                                                route.super_event, seq.detok, seq.generator)
         except (QueueFullError, EngineClosedError) as exc:
             route.super_event(RequestOutput("", [], [], True, "error", len(seq.prompt_ids), 0, str(exc),
                                             retryable=True))
@@ -201,42 +258,54 @@ class RoutedEngine:
             self._routes.pop(seq_id, None)
 
 
-def build_routed_engine(swift: str, super_: str, config: RouterConfig, dtype: str, max_batch_size: int,
+def build_routed_engine(swift: str, super_: str | None, config: RouterConfig, dtype: str, max_batch_size: int,
                         max_queue: int, max_model_len: int | None, compile: bool,
-                        progress: Callable[[str], None] | None = None) -> RoutedEngine:
-    """Load both models (same tokenizer: the swift one's) and build the routed engine."""
+                        progress: Callable[[str], None] | None = None, super_url: str | None = None,
+                        super_api_key: str | None = None) -> RoutedEngine:
+    """Load both models (same tokenizer: the swift one's), or the swift one and connect to the
+    super model's OpenAI-compatible endpoint ``super_url``, and build the routed engine."""
     from llmcomp.loading import load_model
 
     swift_model, tokenizer = load_model(swift, dtype=dtype)
+    if super_url is not None:
+        from llmcomp.serve.remote_engine import RemoteEngine
+
+        remote = RemoteEngine(super_url, super_api_key, max_batch_size=max_batch_size, max_queue=max_queue)
+        return RoutedEngine(swift_model, None, tokenizer, config, max_batch_size, max_queue, max_model_len,
+                            compile=compile, progress=progress, super_engine=remote)
     super_model, _ = load_model(super_, dtype=dtype)
     return RoutedEngine(swift_model, super_model, tokenizer, config, max_batch_size, max_queue, max_model_len,
                         compile=compile, progress=progress)
 
 
-def build_routed_native(swift: str, super_: str, config: RouterConfig, options: Any) -> tuple[Any, Any]:
+def build_routed_native(swift: str, super_: str | None, config: RouterConfig, options: Any,
+                        super_url: str | None = None) -> tuple[Any, Any]:
     """``(app, engine)`` for ``llmcomp serve --swift A --super B --router R``: both models in one
-    supervised worker process (:mod:`llmcomp.serve.worker`), one OpenAI endpoint in front."""
+    supervised worker process (:mod:`llmcomp.serve.worker`), one OpenAI endpoint in front; with
+    ``super_url`` the worker relays deferred requests to that endpoint instead of loading B."""
     from llmcomp.loading import load_tokenizer, resolve_source
     from llmcomp.serve.app import ServerConfig, create_app
     from llmcomp.serve.server import _log_to_stderr, default_threads
     from llmcomp.serve.worker import EngineWorker, WorkerSpec
 
     _log_to_stderr()
-    swift_source, super_source = resolve_source(swift), resolve_source(super_)
-    config = config.model_copy(update={"swift": config.swift or swift, "super": config.super or super_})
+    swift_source = resolve_source(swift)
+    super_location = None if super_url is not None else resolve_source(super_).location
+    config = config.model_copy(update={"swift": config.swift or swift, "super": config.super or super_ or super_url})
     spec = WorkerSpec(swift_source.location, options.dtype, options.threads or default_threads(),
                       options.max_batch_size, options.max_queue, options.max_model_len, options.compile,
-                      super_model=super_source.location, router=config.model_dump_json())
+                      super_model=super_location, router=config.model_dump_json(), super_url=super_url)
     engine = EngineWorker(spec, load_tokenizer(swift_source))
     app = create_app(engine, ServerConfig(model_name=options.served_model_name or "routed", api_key=options.api_key))
     return app, engine
 
 
-def run_routed_native(swift: str, super_: str, config: RouterConfig, options: Any) -> None:
+def run_routed_native(swift: str, super_: str | None, config: RouterConfig, options: Any,
+                      super_url: str | None = None) -> None:
     """Serve until interrupted, then stop the worker (as :func:`llmcomp.serve.server.run_native`)."""
     import uvicorn
 
-    app, engine = build_routed_native(swift, super_, config, options)
+    app, engine = build_routed_native(swift, super_, config, options, super_url)
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
     finally:

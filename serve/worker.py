@@ -71,6 +71,7 @@ class WorkerSpec:
     compile: bool = True  # torch.compile the decode step per batch bucket before reporting ready
     super_model: str | None = None  # routed serving: ``model`` is the swift model, this the super one
     router: str | None = None  # routed serving: router.json text (llmcomp.routing.RouterConfig)
+    super_url: str | None = None  # routed serving: the super model's OpenAI endpoint instead of super_model
 
 
 def exit_cause(exitcode: int | None) -> str:
@@ -120,14 +121,14 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         from llmcomp.serve.engine import Engine
 
         torch.set_num_threads(spec.threads)
-        if spec.super_model is not None:
+        if spec.super_model is not None or spec.super_url is not None:
             from llmcomp.routing import RouterConfig
             from llmcomp.serve.routed_engine import build_routed_engine
 
             router = RouterConfig.model_validate_json(spec.router or "")
             engine = build_routed_engine(spec.model, spec.super_model, router, spec.dtype, spec.max_batch_size,
                                          spec.max_queue, spec.max_model_len, spec.compile,
-                                         progress=lambda line: send(("progress", line)))
+                                         progress=lambda line: send(("progress", line)), super_url=spec.super_url)
             model = engine.swift.model
         else:
             model, tokenizer = load_model(spec.model, dtype=spec.dtype)

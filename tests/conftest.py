@@ -45,6 +45,34 @@ def tiny_llama_factory(tokenizer_dir: Path):
     return factory
 
 
+@pytest.fixture(scope="module")
+def vllm_env():
+    """vLLM imported (skipped without it), the llmcomp plugin registered, inside a default vLLM config."""
+    pytest.importorskip("vllm")
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from llmcomp.serve import vllm_plugin
+
+    vllm_plugin.register()
+    with set_current_vllm_config(VllmConfig()):
+        yield vllm_plugin
+
+
+@pytest.fixture
+def tp(monkeypatch):
+    """``tp(rank, size)`` makes vLLM build layers and parameters for that tensor-parallel rank
+    (without initialising vLLM's process groups)."""
+    import vllm.model_executor.layers.linear as linear
+    import vllm.model_executor.parameter as parameter
+
+    def set_rank(rank: int, size: int) -> None:
+        for mod in (linear, parameter):
+            monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: rank)
+            monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: size)
+
+    return set_rank
+
+
 def pytest_report_header(config) -> str:
     """Name the host kind at the top of every run: CPU kernels take different paths on each."""
     from llmcomp.hostinfo import cpu_summary

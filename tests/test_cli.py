@@ -41,6 +41,7 @@ def test_compress_then_inspect(tiny_llama_dir, tmp_path):
         (["compress", "smollm2-135m", "--recipe", "nope", "-o", "X"], "unknown recipe 'nope'"),
         (["inspect", "/nonexistent"], "is not a directory"),
         (["compress", ".", "--recipe", "rtn-w8", "-o", "X", "--shard-size", "lots"], "invalid size"),
+        (["bench", "smollm2-135m", "--kernel", "cpu_w4a8,nope"], "unknown kernel 'nope'"),
     ],
 )
 def test_bad_input_is_one_line(args, message, tmp_path):

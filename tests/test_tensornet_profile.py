@@ -14,7 +14,14 @@ from llmcomp.cli.main import app
 from llmcomp.modules.mpo_linear import MPOLinear
 from llmcomp.passes.tensornet import TensorNetConfig, decompose_for
 from llmcomp.pipeline import compress
-from llmcomp.profiling import LAYER_TYPES, mean_nll, profile_model
+from llmcomp.profiling import (
+    LAYER_TYPES,
+    decoder_blocks,
+    mean_nll,
+    mean_nll_from,
+    profile_model,
+    record_block_inputs,
+)
 from llmcomp.recipes import load_recipe
 
 
@@ -35,6 +42,22 @@ def test_profile_cost_matches_a_direct_measurement(tiny_llama_dir) -> None:
     got = next(c for c in prof.costs if c.name == "model.layers.1.mlp.up_proj")
     assert got.delta_nll == pytest.approx(ref, abs=1e-5)
     assert prof.base_nll == pytest.approx(mean_nll(model, ids, 3), abs=1e-6)
+
+
+def test_replaying_recorded_block_inputs_gives_the_full_forward(tiny_llama_dir) -> None:
+    """Skipping blocks 0..i-1 (their output replayed) changes nothing, for every i; blocks restored."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.randint(0, 2000, (3, 12), generator=torch.Generator().manual_seed(1))
+    _, blocks = decoder_blocks(model)
+    originals = list(blocks)
+    base, inputs, as_tuple = record_block_inputs(model, blocks, ids, 2)
+    assert base == pytest.approx(mean_nll(model, ids, 2), abs=1e-6) and len(inputs[0]) == 2
+    with torch.no_grad():  # perturb the last block so a replay that skipped it would be caught
+        blocks[-1].mlp.up_proj.weight.mul_(1.5)
+    ref = mean_nll(model, ids, 2)
+    for i in range(len(blocks)):
+        assert mean_nll_from(model, blocks, i, inputs[i], as_tuple, ids, 2) == pytest.approx(ref, abs=1e-5)
+    assert all(a is b for a, b in zip(blocks, originals, strict=True))
 
 
 def test_cli_writes_plan_json_and_heatmap_and_the_plan_compresses(tiny_llama_dir, tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""MPO and low-rank modules inside real vLLM fused layers, through the plugin's materialized path."""
+"""MPO (float and int cores) and low-rank modules inside real vLLM fused layers, through the plugin's
+materialized path."""
 
 from __future__ import annotations
 
@@ -8,40 +9,19 @@ import torch
 from llmcomp.modules.lowrank_linear import LowRankLinear
 from llmcomp.modules.mpo_linear import MPOLinear, mpo_to_matrix
 from llmcomp.passes.lowrank import FactorizedConfig, truncated_svd
-from llmcomp.passes.tensornet import TensorNetConfig, decompose_for
+from llmcomp.passes.tensornet import TensorNetConfig, decompose_for, quantize_cores
 
 pytestmark = pytest.mark.slow  # importing vLLM takes ~20-30 s
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 4, 2, 16, 96
 
 
-@pytest.fixture(scope="module")
-def vllm_env():
-    pytest.importorskip("vllm")
-    from vllm.config import VllmConfig, set_current_vllm_config
-
-    from llmcomp.serve import vllm_plugin
-
-    vllm_plugin.register()
-    with set_current_vllm_config(VllmConfig()):
-        yield vllm_plugin
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    """Build layers as tensor-parallel rank 0 of 1 without initialising vLLM's process groups."""
-    import vllm.model_executor.layers.linear as linear
-    import vllm.model_executor.parameter as parameter
-
-    for mod in (linear, parameter):
-        monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: 0)
-        monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: 1)
-
-
-def mpo(out_f: int, in_f: int, seed: int):
+def mpo(out_f: int, in_f: int, seed: int, core_bits: int | None = None):
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
     cores, _ = decompose_for(w, TensorNetConfig(ratio=0.4, num_cores=3))
     module = MPOLinear.from_cores(cores, None, torch.float32)
+    if core_bits is not None:
+        module = quantize_cores(module, core_bits, 16)
     return dict(module.state_dict()), module.spec().model_dump(mode="json"), mpo_to_matrix(
         [c.double() for c in module.cores])
 
@@ -66,13 +46,15 @@ def load(layer, tensors: dict, shard_id) -> None:
         params[name].weight_loader(params[name], t, shard_id)
 
 
-def test_mpo_qkv_and_lowrank_gate_up_match_their_dense_weights(vllm_env, single_rank) -> None:
+def test_mpo_qkv_and_lowrank_gate_up_match_their_dense_weights(vllm_env, tp) -> None:
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+
+    tp(0, 1)
 
     prefix = "model.layers.0"
     shards = {"q": mpo(HEADS * HEAD_DIM, HIDDEN, 1), "k": mpo(KV_HEADS * HEAD_DIM, HIDDEN, 2),
-              "v": mpo(KV_HEADS * HEAD_DIM, HIDDEN, 3)}
-    mlp = {0: lowrank(INTER, HIDDEN, 4), 1: mpo(INTER, HIDDEN, 5)}
+              "v": mpo(KV_HEADS * HEAD_DIM, HIDDEN, 3, core_bits=4)}
+    mlp = {0: lowrank(INTER, HIDDEN, 4), 1: mpo(INTER, HIDDEN, 5, core_bits=8)}
     modules = {f"{prefix}.self_attn.{s}_proj": spec for s, (_, spec, _) in shards.items()}
     modules[f"{prefix}.mlp.gate_proj"] = mlp[0][1]
     modules[f"{prefix}.mlp.up_proj"] = mlp[1][1]

@@ -18,32 +18,6 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 4, 2, 16, 96
 SCHEMES = [(4, 16, False), (8, -1, True), (3, 16, True), (2, 16, False)]  # (bits, group_size, symmetric)
 
 
-@pytest.fixture(scope="module")
-def vllm_env():
-    pytest.importorskip("vllm")
-    from vllm.config import VllmConfig, set_current_vllm_config
-
-    from llmcomp.serve import vllm_plugin
-
-    vllm_plugin.register()
-    with set_current_vllm_config(VllmConfig()):
-        yield vllm_plugin
-
-
-@pytest.fixture
-def tp(monkeypatch):
-    """``tp(rank, size)`` makes vLLM build layers and parameters for that tensor-parallel rank."""
-    import vllm.model_executor.layers.linear as linear
-    import vllm.model_executor.parameter as parameter
-
-    def set_rank(rank: int, size: int) -> None:
-        for mod in (linear, parameter):
-            monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: rank)
-            monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: size)
-
-    return set_rank
-
-
 def quantized(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool, seed: int):
     w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
     qw = intquant.quantize_rtn(w, bits, group_size, symmetric)

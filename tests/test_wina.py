@@ -69,7 +69,8 @@ def _layer_error(layer, calls, dense, levels: dict[str, float]) -> float:
     return total
 
 
-def test_greedy_first_step_is_the_least_error_group_and_tables_are_monotone():
+@pytest.mark.parametrize("step", [0.05, 0.025])  # TEAL's default and WINA's paper
+def test_greedy_first_step_is_the_least_error_group_and_tables_are_monotone(step):
     model = random_llama(0, **TINY_CONFIG)
     layers = list(model.model.layers)
     calls = capture_layer_calls(model, layers, _ids(2))[1]
@@ -78,7 +79,6 @@ def test_greedy_first_step_is_the_least_error_group_and_tables_are_monotone():
     with torch.no_grad():
         dense = [layer(*args, **kwargs) for args, kwargs in calls]
     dense = [d[0] if isinstance(d, tuple) else d for d in dense]
-    step = 0.05
     # A target below one step's worth of any group: exactly one greedy step.
     table = greedy_allocation(layer, calls, [0.001], step, "wina")
     raised = {n for n in names if table[n][0] > 0}

@@ -87,3 +87,6 @@ def register() -> None:
     """Called by the dispatcher: on the CPU list after ``cpu_sparse_gather`` (the generic default);
     :class:`~llmcomp.modules.activation_sparse.ActivationSparseLinear` asks for it by name at batch 1."""
     register_kernel(SparseBagCpuKernel(), devices=("cpu",), first=False)
+    from llmcomp.kernels import act_sparse_packed  # packed int4/int8 gather (C, built on first use)
+
+    act_sparse_packed.register()

@@ -17,8 +17,10 @@ when nothing fits the error lists every candidate's reason. Kernels may repack w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -331,39 +333,77 @@ def _device_key(device: torch.device) -> str:
     return device.type if device.type in ("cuda", "cpu") else "other"
 
 
-def _env_preference(kind: str) -> str | None:
-    """``LLMCOMP_KERNEL`` (comma-separated names): the first named kernel that runs ``kind``.
+_OVERRIDE: list[list[str]] = []  # stack of preferred_kernels() lists, innermost last
 
-    Names of kernels of other kinds are skipped, so one setting can force e.g. ``triton,triton_lut``
-    in a model that mixes kinds; an unknown name is an error.
+
+@contextlib.contextmanager
+def preferred_kernels(names: str | list[str] | None) -> Iterator[None]:
+    """Within the block, kernels are selected as if ``LLMCOMP_KERNEL`` held ``names``.
+
+    Lets one process build models that run different kernels side by side (a benchmark); a
+    module keeps the kernel it selected on its first forward until its weights change.
     """
-    names = [n.strip() for n in os.environ.get("LLMCOMP_KERNEL", "").split(",") if n.strip()]
-    for name in names:
+    _OVERRIDE.append(_parse_names(names) if names else [])
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
+
+
+def check_kernel_names(names: str) -> str:
+    """``names`` (comma-separated) normalised, or a ValueError naming an unknown kernel (for CLIs)."""
+    _load_builtin_kernels()
+    return ",".join(_parse_names(names))
+
+
+def _parse_names(names: str | list[str]) -> list[str]:
+    items = names.split(",") if isinstance(names, str) else names
+    found = [n.strip() for n in items if n.strip()]
+    for name in found:
         if name not in _KERNELS:
-            raise ValueError(f"LLMCOMP_KERNEL names unknown kernel {name!r}; registered: {sorted(_KERNELS)}")
-    return next((n for n in names if kind in kernel_kinds(_KERNELS[n])), None)
+            raise ValueError(f"unknown kernel {name!r}; registered: {sorted(_KERNELS)}")
+    return found
 
 
-def select_kernel(layout: Any, device: torch.device, dtype: torch.dtype, prefer: str | None = None) -> Kernel:
+def _preference(kind: str, prefer: str | list[str] | None) -> list[str]:
+    """The named kernels (``prefer``, else the innermost preferred_kernels(), else ``LLMCOMP_KERNEL``)
+    that run ``kind``, in order. Names of kernels of other kinds are skipped, so one setting can name
+    e.g. ``triton,triton_lut`` for a model that mixes kinds; an unknown name is an error."""
+    if prefer:
+        names = _parse_names(prefer)
+        for name in names:
+            kinds = kernel_kinds(_KERNELS[name])
+            if len(names) == 1 and kind not in kinds:
+                raise ValueError(f"kernel {name!r} runs {'/'.join(sorted(kinds))} layouts, not {kind!r}")
+    elif _OVERRIDE and _OVERRIDE[-1]:
+        names = _OVERRIDE[-1]
+    else:
+        names = _parse_names(os.environ.get("LLMCOMP_KERNEL", ""))
+    return [n for n in names if kind in kernel_kinds(_KERNELS[n])]
+
+
+def select_kernel(
+    layout: Any, device: torch.device, dtype: torch.dtype, prefer: str | list[str] | None = None
+) -> Kernel:
     """Pick the first kernel of ``device``'s priority list that runs ``layout.kind`` and can run ``layout``.
 
-    ``prefer`` (or the ``LLMCOMP_KERNEL`` environment variable) forces one kernel by name; forcing a
-    kernel of another kind is a ValueError.
+    ``prefer`` (or :func:`preferred_kernels`, or the ``LLMCOMP_KERNEL`` environment variable) names
+    kernels to force, comma-separated: the first of them that runs the layout's kind and can run the
+    layout is used (so ``cpu_w4a8,cpu_int8pack`` serves a model mixing int4 and int8 layers); when
+    none of the named kernels of that kind can, it is a ValueError. Kernels registered without a
+    device (opt-in ones) are only ever chosen this way.
     """
     _load_builtin_kernels()
     kind = layout.kind
-    prefer = prefer or _env_preference(kind)
-    if prefer is not None:
-        if prefer not in _KERNELS:
-            raise ValueError(f"unknown kernel {prefer!r}; registered: {sorted(_KERNELS)}")
-        kernel = _KERNELS[prefer]
-        kinds = kernel_kinds(kernel)
-        if kind not in kinds:
-            raise ValueError(f"kernel {prefer!r} runs {'/'.join(sorted(kinds))} layouts, not {kind!r}: {layout}")
-        ok, reason = kernel.can_implement(layout, device, dtype)
-        if not ok:
-            raise ValueError(f"kernel {prefer!r} cannot run {layout}: {reason}")
-        return kernel
+    named = _preference(kind, prefer)
+    if named:
+        why = []
+        for name in named:
+            ok, reason = _KERNELS[name].can_implement(layout, device, dtype)
+            if ok:
+                return _KERNELS[name]
+            why.append(f"{name}: {reason}")
+        raise ValueError(f"kernel {' / '.join(named)} cannot run {layout}: " + "; ".join(why))
     reasons = []
     candidates = _PRIORITY[_device_key(device)] + ([_REFERENCES[kind]] if kind in _REFERENCES else [])
     for name in candidates:
@@ -382,7 +422,8 @@ def select_kernel(layout: Any, device: torch.device, dtype: torch.dtype, prefer:
 
 _BUILTINS_LOADED = False
 _BUILTIN_MODULES = ("llmcomp.kernels.cpu", "llmcomp.kernels.triton_gemm", "llmcomp.kernels.lut_gemm",
-                    "llmcomp.kernels.sparse_gemv", "llmcomp.kernels.codebook_cpu", "llmcomp.kernels.act_sparse_cpu")
+                    "llmcomp.kernels.sparse_gemv", "llmcomp.kernels.codebook_cpu", "llmcomp.kernels.act_sparse_cpu",
+                    "llmcomp.kernels.w4a8_cpu")
 
 
 def _load_builtin_kernels() -> None:

@@ -45,16 +45,25 @@ def serve(
     super_: str | None = typer.Option(None, "--super", help="routed serving: the super model (default: the router's)"),
     router: Path | None = typer.Option(None, help="routed serving: router.json from `llmcomp route calibrate`; each "
                                                   "request goes to swift or super after the swift prefill"),
+    super_url: str | None = typer.Option(None, help="routed serving: the super model is this OpenAI-compatible "
+                                         "endpoint (llmcomp serve, --engine vllm, stock vLLM; same tokenizer) "
+                                         "instead of --super; key from $LLMCOMP_SUPER_API_KEY"),
     activation_sparsity: float | None = typer.Option(
         None, help="native: drop this fraction of each linear's inputs per token (TEAL/WINA); batch-1 decode "
                    "reads only the kept weight columns"),
     activation_criterion: str = typer.Option("wina", help="with --activation-sparsity: wina or teal"),
+    kernel: str | None = typer.Option(
+        None, help="force kernels by name, comma-separated, first that fits each layer (sets LLMCOMP_KERNEL), e.g. "
+                   "cpu_w4a8,cpu_int8pack: int4 layers with int8 activations, faster batched CPU decode "
+                   "(docs/KERNELS.md)"),
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/models, /v1/completions, /v1/chat/completions (streaming
     with SSE), plus /health and Prometheus /metrics (native engine)."""
     from llmcomp.loading import parse_dtype, resolve_source
 
     parse_dtype(dtype)  # one-line error for a bad dtype before anything heavy starts
+    if kernel:
+        force_kernels(kernel)  # the worker process inherits it
     if activation_sparsity is not None:
         import os
 
@@ -69,10 +78,10 @@ def serve(
                                "the wina recipe only (dense compute there); use --engine native for any model")
         os.environ.update(activation.to_env())  # the worker process (or vLLM's plugin) applies it after loading
     dtype = CANONICAL_DTYPES.get(dtype, dtype)
-    if router is not None or swift is not None or super_ is not None:
+    if router is not None or swift is not None or super_ is not None or super_url is not None:
         _serve_routed(model, swift, super_, router, engine, _native_options(
             host, port, api_key, max_batch_size, max_queue, dtype, served_model_name, max_model_len, threads,
-            compile_step))
+            compile_step), super_url)
         return
     if model is None:
         raise LlmcompError("give MODEL, or --router (with --swift/--super) for routed serving")
@@ -101,6 +110,18 @@ def serve(
     run_native(source.location if source.kind == "dir" else model, options)
 
 
+def force_kernels(names: str) -> None:
+    """Validate kernel names and set ``LLMCOMP_KERNEL`` for this process and its children."""
+    import os
+
+    from llmcomp.kernels.dispatch import check_kernel_names
+
+    try:
+        os.environ["LLMCOMP_KERNEL"] = check_kernel_names(names)
+    except ValueError as exc:
+        raise LlmcompError(f"--kernel: {exc}") from None
+
+
 def _native_options(*args: Any) -> Any:
     """serve.server.NativeOptions, imported only when needed (it pulls in torch)."""
     from llmcomp.serve.server import NativeOptions
@@ -121,7 +142,7 @@ def _has_activation_sparse_modules(model: str | None) -> bool:
 
 
 def _serve_routed(model: str | None, swift: str | None, super_: str | None, router: Path | None,
-                  engine: EngineChoice, options: Any) -> None:
+                  engine: EngineChoice, options: Any, super_url: str | None = None) -> None:
     """``--swift A --super B --router R``: both models behind one native endpoint."""
     from llmcomp.routing import load_router
     from llmcomp.serve.routed_engine import run_routed_native
@@ -133,10 +154,16 @@ def _serve_routed(model: str | None, swift: str | None, super_: str | None, rout
     if engine is not EngineChoice.native:
         raise LlmcompError("routed serving runs on the native engine (--engine vllm is not supported with --router)")
     config = load_router(router)
-    swift, super_ = swift or config.swift, super_ or config.super
-    if swift is None or super_ is None:
-        raise LlmcompError("routed serving needs --swift and --super (or router.json naming them)")
-    run_routed_native(swift, super_, config, options)
+    if super_url is not None:
+        if super_ is not None:
+            raise LlmcompError("give --super or --super-url, not both")
+        if config.mode == "token":
+            raise LlmcompError("router mode 'token' needs --super (a takeover continues in the local super "
+                               "model's KV cache); --super-url serves mode 'request'")
+    swift, super_ = swift or config.swift, super_ or (None if super_url else config.super)
+    if swift is None or (super_ is None and super_url is None):
+        raise LlmcompError("routed serving needs --swift and --super or --super-url (or router.json naming them)")
+    run_routed_native(swift, super_, config, options, super_url)
 
 
 def _check_for_vllm(config_path: Path) -> None:

@@ -46,6 +46,7 @@ CRITERIA = ("teal", "wina")
 MODES = ("topk", "threshold")
 MAX_SPARSITY = 0.99  # keep at least one input channel in a hundred
 CPU_DECODE_KERNEL = "cpu_sparse_bag"  # llmcomp.kernels.act_sparse_cpu
+CPU_PACKED_KERNEL = "cpu_sparse_packed"  # llmcomp.kernels.act_sparse_packed: int4/int8 base, no dense copy
 
 
 @register_spec
@@ -137,7 +138,7 @@ class ActivationSparseLinear(nn.Module):
         self.mode = "topk"
         self.threshold: float | None = None
         self.use_kernel = True
-        self._kernel_state: tuple[Any, Any, tuple] | None = None
+        self._kernel_state: tuple[Any, Any, tuple, ActivationSparseLayout] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -250,24 +251,28 @@ class ActivationSparseLinear(nn.Module):
         """Kernel and its prepared weights, cached per (device, dtype, sparsity, criterion)."""
         key = (x.device, x.dtype, self.sparsity, self.criterion)
         cached = self._kernel_state
-        if cached is not None and cached[2] == key:
-            return cached[0], cached[1], self._layout()
+        if cached is not None and cached[2] == key:  # the hot path at decode: no new layout object
+            return cached[0], cached[1], cached[3]
         layout = self._layout()
-        # Batch-1 decode on CPU: the lean kernel, unless LLMCOMP_KERNEL forces a choice.
-        prefer = CPU_DECODE_KERNEL if x.device.type == "cpu" and not os.environ.get("LLMCOMP_KERNEL") else None
-        try:
-            kernel = select_kernel(layout, x.device, x.dtype, prefer=prefer)
-        except ValueError:
-            if prefer is None:
-                raise
-            # e.g. float64: the priority list (the reference kernel last) picks one that can run it
+        kernel = None
+        # Batch-1 decode on CPU: the lean kernels (packed int gather for an int4/int8 base, else the
+        # bag over a dense copy), unless LLMCOMP_KERNEL forces a choice.
+        if x.device.type == "cpu" and not os.environ.get("LLMCOMP_KERNEL"):
+            prefs = ((CPU_PACKED_KERNEL,) if isinstance(self.base, QuantLinear) else ()) + (CPU_DECODE_KERNEL,)
+            for prefer in prefs:
+                try:
+                    kernel = select_kernel(layout, x.device, x.dtype, prefer=prefer)
+                    break
+                except ValueError:  # e.g. float64, no C compiler, int3
+                    continue
+        if kernel is None:  # the priority list (the reference kernel last) picks one that can run it
             kernel = select_kernel(layout, x.device, x.dtype)
         if isinstance(self.base, QuantLinear):
             base: Any = QuantTensors(self.base.weight_packed, self.base.weight_scale, self.base.weight_zero_point)
         else:
             base = self.base.weight.data
         state = kernel.prepare(layout, ActivationSparseTensors(base, self.col_norms.float()), x.dtype)
-        self._kernel_state = (kernel, state, key)
+        self._kernel_state = (kernel, state, key, layout)
         return kernel, state, layout
 
     def invalidate_kernel_cache(self) -> None:

@@ -9,6 +9,13 @@ cores ``G_k [r_{k-1}, m_k, n_k, r_k]`` (``r_0 = r_d = 1``):
 They are ``nn.Parameter``s with ``requires_grad=False`` so that healing can switch them to
 trainable without changing names or storage; they are saved like buffers.
 
+Quantized cores (CompactifAI's tensorization + quantization setting; spec ``core_bits`` 4 or 8):
+each core, viewed as the matrix ``[r_{k-1} m_k, n_k r_k]``, is stored in the int group layout of
+:mod:`llmcomp.intquant` (groups of ``core_group_size`` along the second axis): ``core_k_packed``,
+``core_k_scale`` and, when asymmetric, ``core_k_zero_point``. The forward dequantizes the cores
+(small: about the size of the kept parameters) and contracts them as above; quantized cores are
+not trainable (heal first, then quantize).
+
 Why a contraction rather than a rebuild: for decode the forward applies the cores to the input one
 at a time (:func:`mpo_apply`, one small matmul per core), never forming ``W``. For calls with many
 rows (long prefill, training) where contracting every row costs more multiply-adds than building
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from llmcomp import intquant
 from llmcomp.modules.registry import register_module
 from llmcomp.scheme import ModuleSpec, register_spec
 
@@ -35,6 +43,8 @@ MIN_CORES, MAX_CORES = 2, 4
 # "auto": contract unless a transient rebuild costs fewer multiply-adds for the call's rows;
 # "contract": always contract (never build the dense weight in forward).
 FORWARD_MODE = os.environ.get("LLMCOMP_MPO_FORWARD", "auto")
+CORE_BITS = (4, 8)
+DEFAULT_CORE_GROUP = 64
 
 
 @register_spec
@@ -45,6 +55,10 @@ class MPOSpec(ModuleSpec):
     out_factors: list[int] = Field(min_length=MIN_CORES, max_length=MAX_CORES)
     in_factors: list[int] = Field(min_length=MIN_CORES, max_length=MAX_CORES)
     ranks: list[int] = Field(description="bond dimensions r_1 .. r_{d-1} between consecutive cores")
+    core_bits: Literal[4, 8] | None = Field(None, description="int bits of the stored cores (None: float cores)")
+    core_group_size: int = Field(DEFAULT_CORE_GROUP,
+                                 description="group length along a core's [r m, n s] rows; -1 = whole rows")
+    core_symmetric: bool = Field(False, description="quantized cores without zero points")
 
     @model_validator(mode="after")
     def _consistent(self) -> MPOSpec:
@@ -57,12 +71,20 @@ class MPOSpec(ModuleSpec):
             raise ValueError("factors and ranks must be positive")
         if math.prod(self.out_factors) != self.out_features or math.prod(self.in_factors) != self.in_features:
             raise ValueError("the factors' products must equal out_features and in_features")
+        if self.core_group_size != -1 and self.core_group_size < 1:
+            raise ValueError(f"core_group_size must be positive or -1, got {self.core_group_size}")
         return self
 
     def core_shapes(self) -> list[tuple[int, int, int, int]]:
         bonds = [1, *self.ranks, 1]
         return [(bonds[k], m, n, bonds[k + 1]) for k, (m, n) in enumerate(zip(self.out_factors, self.in_factors,
                                                                                 strict=True))]
+
+
+def core_matrix_shape(shape: tuple[int, int, int, int]) -> tuple[int, int]:
+    """The 2-D view ``[r m, n s]`` a quantized core is grouped and stored in."""
+    r, m, n, s = shape
+    return r * m, n * s
 
 
 def mpo_apply(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
@@ -159,8 +181,25 @@ class MPOLinear(nn.Module):
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.out_factors, self.in_factors = list(spec.out_factors), list(spec.in_factors)
         self.ranks = list(spec.ranks)
-        for k, shape in enumerate(spec.core_shapes()):
-            self.register_parameter(f"core_{k}", nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False))
+        self.core_bits, self.core_symmetric = spec.core_bits, spec.core_symmetric
+        self.core_shapes = spec.core_shapes()
+        self.core_group_sizes: list[int] = []
+        for k, shape in enumerate(self.core_shapes):
+            if self.core_bits is None:
+                self.register_parameter(f"core_{k}", nn.Parameter(torch.zeros(shape, dtype=dtype),
+                                                                  requires_grad=False))
+                continue
+            rows, cols = core_matrix_shape(shape)
+            group = intquant.effective_group_size(spec.core_group_size, cols)
+            self.core_group_sizes.append(group)
+            packed_dtype = torch.int8 if self.core_bits == 8 else torch.int32
+            self.register_buffer(f"core_{k}_packed", torch.zeros(intquant.packed_shape(rows, cols, self.core_bits),
+                                                                 dtype=packed_dtype))
+            groups = intquant.num_groups(cols, group)
+            self.register_buffer(f"core_{k}_scale", torch.ones(rows, groups, dtype=dtype))
+            if not self.core_symmetric:
+                self.register_buffer(f"core_{k}_zero_point", torch.zeros(rows, groups, dtype=torch.int8))
+        self.core_group_size = spec.core_group_size
         self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=dtype), requires_grad=False) if spec.bias \
             else None
 
@@ -184,18 +223,70 @@ class MPOLinear(nn.Module):
                 module.bias.copy_(bias.detach().to(dtype))
         return module
 
+    @classmethod
+    def from_quantized_cores(cls, qcores: list[intquant.QuantizedWeight], shapes: list[tuple[int, int, int, int]],
+                             group_size: int, bias: torch.Tensor | None, dtype: torch.dtype) -> MPOLinear:
+        """Build from quantized cores: ``qcores[k]`` is the ``[r m, n s]`` view of core ``k`` of
+        ``shapes``, quantized with the spec's ``group_size`` (-1 = whole rows); one bit width and
+        symmetry for all. Scales are cast to ``dtype``."""
+        first = qcores[0]
+        if any((q.bits, q.zero is None) != (first.bits, first.zero is None) for q in qcores):
+            raise ValueError("all cores of one MPO need the same bit width and symmetry")
+        spec = MPOSpec(
+            in_features=math.prod(s[2] for s in shapes), out_features=math.prod(s[1] for s in shapes),
+            bias=bias is not None, out_factors=[s[1] for s in shapes], in_factors=[s[2] for s in shapes],
+            ranks=[s[3] for s in shapes[:-1]], core_bits=first.bits, core_group_size=group_size,
+            core_symmetric=first.zero is None,
+        )
+        module = cls(spec, dtype)
+        with torch.no_grad():
+            for k, (qw, shape) in enumerate(zip(qcores, shapes, strict=True)):
+                if qw.shape != core_matrix_shape(shape) or qw.group_size != module.core_group_sizes[k]:
+                    raise ValueError(f"quantized core {k} {qw.shape} / group {qw.group_size} does not match {shape}")
+                getattr(module, f"core_{k}_packed").copy_(intquant.pack(qw.q, qw.bits))
+                getattr(module, f"core_{k}_scale").copy_(qw.scale.to(dtype))
+                if qw.zero is not None:
+                    getattr(module, f"core_{k}_zero_point").copy_(qw.zero)
+            if bias is not None:
+                module.bias.copy_(bias.detach().to(dtype))
+        return module
+
     def spec(self) -> MPOSpec:
         return MPOSpec(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
-                       out_factors=self.out_factors, in_factors=self.in_factors, ranks=self.ranks)
+                       out_factors=self.out_factors, in_factors=self.in_factors, ranks=self.ranks,
+                       core_bits=self.core_bits, core_group_size=self.core_group_size,
+                       core_symmetric=self.core_symmetric)
+
+    def quantized_core(self, k: int) -> intquant.QuantizedWeight:
+        """Core ``k``'s stored codes and scales, unpacked (quantized cores only)."""
+        if self.core_bits is None:
+            raise ValueError("this MPO stores float cores")
+        cols = core_matrix_shape(self.core_shapes[k])[1]
+        q = intquant.unpack(getattr(self, f"core_{k}_packed"), self.core_bits, cols)
+        zero = None if self.core_symmetric else getattr(self, f"core_{k}_zero_point")
+        return intquant.QuantizedWeight(q=q, scale=getattr(self, f"core_{k}_scale"), zero=zero, bits=self.core_bits,
+                                        group_size=self.core_group_sizes[k])
 
     @property
     def cores(self) -> list[torch.Tensor]:
-        return [getattr(self, f"core_{k}") for k in range(len(self.out_factors))]
+        """The cores the layer computes with (dequantized from their int codes when quantized)."""
+        if self.core_bits is None:
+            return [getattr(self, f"core_{k}") for k in range(len(self.out_factors))]
+        out = []
+        for k, shape in enumerate(self.core_shapes):
+            qw = self.quantized_core(k)
+            out.append(intquant.dequantize_qw(qw, qw.scale.dtype).reshape(shape))
+        return out
 
     @property
     def num_params(self) -> int:
-        """Stored weight parameters (cores only, bias excluded)."""
-        return sum(c.numel() for c in self.cores)
+        """Stored weight parameters (core entries, bias excluded)."""
+        return sum(math.prod(s) for s in self.core_shapes)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the stored core tensors (codes, scales, zero points; bias excluded)."""
+        return sum(t.numel() * t.element_size() for name, t in self.state_dict().items() if name != "bias")
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight the cores represent (for loaders that need one, e.g. vLLM)."""
@@ -207,7 +298,7 @@ class MPOLinear(nn.Module):
         ``rows`` costs fewer multiply-adds (long prefill, training), or ``LLMCOMP_MPO_FORWARD=contract``."""
         if FORWARD_MODE == "contract":
             return True
-        shapes = [tuple(c.shape) for c in self.cores]
+        shapes = self.core_shapes
         dense = self.in_features * self.out_features
         return rows * contraction_macs(shapes) <= rebuild_macs(shapes) + rows * dense
 
@@ -225,4 +316,4 @@ class MPOLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"out_factors={self.out_factors}, in_factors={self.in_factors}, ranks={self.ranks}, "
-                f"bias={self.bias is not None}")
+                f"core_bits={self.core_bits}, bias={self.bias is not None}")

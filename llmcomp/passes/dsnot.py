@@ -16,6 +16,13 @@ the removal rule is applied (its ``--without_same_sign`` flag is always on); bot
 (``targets``, ``sign_rule``) so each choice can be measured. The initial mask is computed here
 from the dense weights (``initial``) because growing needs the original values; with SparseGPT
 the refined mask is then compensated by SparseGPT's OBS update with that mask held fixed.
+
+With SparseGPT two options go beyond the paper (docs/SPARSITY.md has the measurements):
+``error_reference="compensated"`` scores swaps against what the OBS-updated layer really outputs
+(kept weights at their updated values, ``eps = (W_dense - W_updated) E[x]``) instead of the
+uncompensated error; ``guard`` keeps, per row, SparseGPT's own result whenever the refined and
+re-compensated row has the larger output error ``delta H delta^T`` (SparseGPT's objective), so the
+layer's calibration error can only go down.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from llmcomp.calibration import InputStats
@@ -48,16 +55,37 @@ class DSnoTConfig(SparsityConfig):
     compensate: bool = Field(True, description="with initial=sparsegpt: OBS-compensate the refined mask")
     block_size: int = Field(DEFAULT_BLOCK, ge=1, description="sparsegpt block size (initial=sparsegpt)")
     damp: float = Field(DEFAULT_DAMP, gt=0.0, description="sparsegpt damping (initial=sparsegpt)")
+    error_reference: Literal["pruned", "compensated"] = Field(
+        "pruned", description="initial=sparsegpt: eps from the pruned dense weights (paper) or from the "
+        "OBS-updated layer's real error")
+    guard: bool = Field(False, description="initial=sparsegpt: per row, keep SparseGPT's result where the "
+                        "refined row's output error (delta H delta^T) is larger")
+
+    @model_validator(mode="after")
+    def _sparsegpt_only(self) -> DSnoTConfig:
+        if self.initial != "sparsegpt" and (self.guard or self.error_reference != "pruned"):
+            raise ValueError("guard and error_reference='compensated' need initial='sparsegpt'")
+        if self.guard and not self.compensate:
+            raise ValueError("guard compares OBS-compensated rows: it needs compensate=true")
+        return self
+
+
+def row_output_error(weight: torch.Tensor, dense: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per row ``delta H delta^T`` with ``delta = dense - weight``: the row's mean squared output error x 2."""
+    delta = (dense - weight).to(hessian.dtype)
+    return ((delta @ hessian) * delta).sum(1)
 
 
 def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                  sq_norm: torch.Tensor, pattern: str = "unstructured", max_cycles: int = DEFAULT_CYCLES,
                  threshold: float = DEFAULT_THRESHOLD, var_power: float = DEFAULT_VAR_POWER,
-                 sign_rule: bool = True, frozen: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 sign_rule: bool = True, frozen: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The refined keep-mask and a summary (swaps, |eps| before and after, mean over rows).
 
-    ``frozen``: pruned positions that may never grow back (an earlier pass's zeros). Speed: the
+    ``frozen``: pruned positions that may never grow back (an earlier pass's zeros). ``offset``:
+    per-row error the kept weights already carry (``sum_kept (W_dense - W) E[x]`` when ``weight``
+    holds compensated kept values), added to ``eps``. Speed: the
     score matrices are masked once and then updated at the two swapped positions per row, and the
     rows still swapping are compacted whenever they fall to half of the working set.
     """
@@ -70,6 +98,8 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     wanda = wanda_scores(w, sq_norm).to(dtype)
     nm = parse_pattern(pattern)
     eps = (contrib * (~keep).to(dtype)).sum(1)
+    if offset is not None:
+        eps = eps + offset.to(dtype)
     eps0 = eps.clone()
     sign0 = torch.sign(eps)
     swaps = torch.zeros(n_rows, dtype=torch.int64)
@@ -204,19 +234,33 @@ class DSnoTPass(CompressionPass):
         original = linear.weight.data.clone()
         w = original.float()
         forced = None if state.mask is None else ~state.mask
+        w_sg = None
         if cfg.initial == "sparsegpt":
-            _, keep = sparsegpt_prune(w, stats.hessian.float(), cfg.sparsity, cfg.pattern, cfg.block_size,
-                                      cfg.damp, forced_prune=forced, name=name)
+            w_sg, keep = sparsegpt_prune(w, stats.hessian.float(), cfg.sparsity, cfg.pattern, cfg.block_size,
+                                         cfg.damp, forced_prune=forced, name=name)
         else:
             scores = w.abs() if cfg.initial == "magnitude" else wanda_scores(w, stats.sq_norm)
             keep = prune_mask(honour_earlier(scores, state), cfg.sparsity, cfg.pattern)
         if state.mask is not None:
             keep &= state.mask
-        refined, summary = dsnot_refine(w, keep, stats.mean, stats.var, stats.sq_norm, cfg.pattern, cfg.max_cycles,
-                                        cfg.threshold, cfg.var_power, cfg.sign_rule, frozen=forced)
+        score_w, offset = w, None
+        if w_sg is not None and cfg.error_reference == "compensated":
+            # Kept weights at their OBS-updated values (what pruning one removes), pruned ones at their
+            # dense values (what growing one restores); the kept weights' updates are already an error.
+            score_w = torch.where(keep, w_sg, w)
+            offset = ((w - w_sg) * keep * stats.mean.to(w.dtype)).sum(1)
+        refined, summary = dsnot_refine(score_w, keep, stats.mean, stats.var, stats.sq_norm, cfg.pattern,
+                                        cfg.max_cycles, cfg.threshold, cfg.var_power, cfg.sign_rule, frozen=forced,
+                                        offset=offset)
         new = None
-        if cfg.initial == "sparsegpt" and cfg.compensate:
+        if w_sg is not None and cfg.compensate:
             new, _ = sparsegpt_prune(w, stats.hessian.float(), cfg.sparsity, cfg.pattern, cfg.block_size, cfg.damp,
                                      fixed_keep=refined, name=name)
+            if cfg.guard:
+                h = stats.hessian.float()
+                worse = row_output_error(new, w, h) > row_output_error(w_sg, w, h)
+                refined = torch.where(worse.unsqueeze(1), keep, refined)
+                new = torch.where(worse.unsqueeze(1), w_sg, new)
+                summary["dsnot_guarded_rows"] = float(worse.float().mean())
         report = apply_mask(linear, refined, state, cfg.pattern, original, new)
         return None, {**report, "initial": cfg.initial, **summary}

@@ -11,19 +11,33 @@ For two cores the truncation error is exactly the discarded singular values of t
 matrix (Eckart-Young on the ``(m_1 n_1) x (m_2 n_2)`` unfolding); for more cores the squared error
 is at most the sum of the squared discarded values of every SVD. Sensitivity defaults (dense first
 blocks and MLP output projections) are shared with ``lowrank`` (:mod:`llmcomp.passes.lowrank`).
+
+``core_bits`` (4 or 8) then quantizes the cores themselves (the paper's tensorization +
+quantization setting): each core's ``[r m, n s]`` view gets FineQuant's least-squares fitted group
+scales (:func:`~llmcomp.passes.finequant_fit.fit_quantize`) at a fixed ``core_group_size``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from llmcomp import intquant
 from llmcomp.calibration import InputStats
-from llmcomp.modules.mpo_linear import MAX_CORES, MIN_CORES, MPOLinear, mpo_params
-from llmcomp.passes.base import ModuleReport, ModuleState, register_pass, scale_bits, weight_error
+from llmcomp.modules.mpo_linear import (
+    DEFAULT_CORE_GROUP,
+    MAX_CORES,
+    MIN_CORES,
+    MPOLinear,
+    core_matrix_shape,
+    mpo_params,
+)
+from llmcomp.passes import finequant_fit as fit
+from llmcomp.passes.base import ModuleReport, ModuleState, register_pass, weight_error
 from llmcomp.passes.lowrank import FactorizedConfig, FactorizedPass, energy_rank
 
 DEFAULT_CORES = 2
@@ -122,13 +136,35 @@ class TensorNetConfig(FactorizedConfig):
     num_cores: int = Field(DEFAULT_CORES, ge=MIN_CORES, le=MAX_CORES, description="cores per MPO (2-4)")
     out_factors: list[int] | None = Field(None, description="factors of out_features (default: automatic)")
     in_factors: list[int] | None = Field(None, description="factors of in_features (default: automatic)")
+    core_bits: Literal[4, 8] | None = Field(None, description="quantize the cores to this many bits (None: float)")
+    core_group_size: int = Field(DEFAULT_CORE_GROUP, description="group length of quantized cores; -1 = whole rows")
+    core_symmetric: bool = Field(False, description="quantized cores without zero points")
+    core_fit_iters: int = Field(fit.DEFAULT_FIT_ITERS, ge=0, description="least-squares scale rounds; 0 = RTN")
 
     @model_validator(mode="after")
     def _factor_lengths(self) -> TensorNetConfig:
         for label, f in (("out_factors", self.out_factors), ("in_factors", self.in_factors)):
             if f is not None and (len(f) != self.num_cores or any(x < 1 for x in f)):
                 raise ValueError(f"{label} needs {self.num_cores} positive factors (num_cores), got {f}")
+        if self.core_group_size != -1 and self.core_group_size < 1:
+            raise ValueError(f"core_group_size must be positive or -1, got {self.core_group_size}")
         return self
+
+
+def quantize_cores(module: MPOLinear, bits: int, group_size: int = DEFAULT_CORE_GROUP, symmetric: bool = False,
+                   fit_iters: int = fit.DEFAULT_FIT_ITERS) -> MPOLinear:
+    """A copy of float-core ``module`` with int ``bits`` cores (FineQuant fitted scales, stored in
+    the module's dtype, which the codes are chosen against). Quantize after healing: int cores do not train."""
+    if module.core_bits is not None:
+        raise ValueError("the cores are quantized already")
+    dtype = module.cores[0].dtype
+    qcores = []
+    for core in module.cores:
+        rows, cols = core_matrix_shape(tuple(core.shape))
+        group = intquant.effective_group_size(group_size, cols)
+        qcores.append(fit.fit_quantize(core.detach().reshape(rows, cols).float(), bits, group, symmetric, fit_iters,
+                                       scale_dtype=dtype))
+    return MPOLinear.from_quantized_cores(qcores, module.core_shapes, group_size, module.bias, dtype)
 
 
 def plan_factors(shape: tuple[int, int], cfg: TensorNetConfig) -> tuple[list[int], list[int]]:
@@ -168,6 +204,10 @@ class TensorNetPass(FactorizedPass):
             w = w * state.mask.to(w.dtype)
         cores, _ = decompose_for(w, cfg)
         module = MPOLinear.from_cores(cores, linear.bias, dtype=w.dtype)
+        float_error = weight_error(w, module.dequantized_weight(torch.float32))
+        if cfg.core_bits is not None:
+            module = quantize_cores(module, cfg.core_bits, cfg.core_group_size, cfg.core_symmetric,
+                                    cfg.core_fit_iters)
         rule, value = cfg.rule()
         return module, {
             "out_factors": module.out_factors,
@@ -177,7 +217,9 @@ class TensorNetPass(FactorizedPass):
             "rule_value": value,
             "params": module.num_params,
             "param_ratio": module.num_params / w.numel(),
-            "bits_per_weight": module.num_params * scale_bits(w.dtype) / w.numel(),
+            "core_bits": cfg.core_bits,
+            "bits_per_weight": module.storage_bytes * 8 / w.numel(),
             "rel_error": weight_error(w, module.dequantized_weight(torch.float32)),
+            "rel_error_float_cores": float_error,
             "numel": w.numel(),
         }

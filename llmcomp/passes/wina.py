@@ -29,7 +29,8 @@ from llmcomp.passes.wina_alloc import LAYER_GROUPS, calibrate_layers
 from llmcomp.passes.wina_transform import transform_layer
 
 DEFAULT_GRID = [0.25, 0.4, 0.5, 0.65, 0.7]
-TEAL_STEP = 0.05  # WINA's paper uses 0.025 (twice the calibration time)
+TEAL_STEP = 0.05  # the default greedy step (TEAL's)
+WINA_STEP = 0.025  # WINA's paper: set `step: 0.025` in a recipe to reproduce it (twice the calibration time)
 DEFAULT_ALLOC_SAMPLES = 8
 DEFAULT_ALLOC_TOKENS = 256
 
@@ -41,7 +42,8 @@ class WinaConfig(PassConfig):
                                              "(False: column norms only)")
     grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID),
                               description="target sparsities (size-weighted per decoder layer) with a table")
-    step: float = Field(TEAL_STEP, gt=0.0, le=0.25, description="greedy step of a group's sparsity")
+    step: float = Field(TEAL_STEP, gt=0.0, le=0.25, description="greedy step of a group's sparsity (TEAL 0.05, "
+                                                                   "WINA's paper 0.025)")
     alloc_samples: int = Field(DEFAULT_ALLOC_SAMPLES, gt=0, description="calibration windows used by the greedy")
     alloc_tokens: int = Field(DEFAULT_ALLOC_TOKENS, gt=1, description="positions per window used by the greedy")
     transform: bool = Field(False, description="output-preserving SVD transform of the k/gate input groups first")
