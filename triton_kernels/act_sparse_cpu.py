@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmcomp.kernels.cpu import fresh_copy
+from llmcomp.kernels.cpu import _cpu_and_dtype, fresh_copy
 from llmcomp.kernels.dispatch import (
     ActivationSparseLayout,
     ActivationSparseTensors,
@@ -29,7 +29,6 @@ from llmcomp.kernels.dispatch import (
     sparse_base_weight,
 )
 
-ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BAG_SPLITS = (8, 4, 2, 1)  # with several threads, N is cut so the bags run in parallel
 
 
@@ -48,10 +47,9 @@ class SparseBagCpuKernel:
     kinds = frozenset({"activation_sparse"})
 
     def can_implement(self, layout: ActivationSparseLayout, device: torch.device, dtype: torch.dtype):
-        if device.type != "cpu":
-            return False, f"device {device.type} is not cpu"
-        if dtype not in ACT_DTYPES:
-            return False, f"activation dtype {dtype} not in {ACT_DTYPES}"
+        ok, reason = _cpu_and_dtype(device, dtype)
+        if not ok:
+            return ok, reason
         return True, ""
 
     def prepare(self, layout: ActivationSparseLayout, tensors: ActivationSparseTensors, dtype: torch.dtype):

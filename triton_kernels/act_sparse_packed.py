@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from llmcomp import intquant
+from llmcomp.kernels.cpu import _cpu_and_dtype
 from llmcomp.kernels.dispatch import (
     ActivationSparseLayout,
     ActivationSparseTensors,
@@ -49,7 +50,6 @@ from llmcomp.kernels.dispatch import (
     register_kernel,
 )
 
-ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PACKED_BITS = (4, 8)
 INT4_OFFSET = 8  # stored signed q in [-8, 7]; the nibble holds u = q + 8
 NO_NATIVE_ENV = "LLMCOMP_NO_NATIVE_KERNELS"  # set to 1 to never build the C++ extension
@@ -330,10 +330,9 @@ class SparsePackedCpuKernel:
     kinds = frozenset({"activation_sparse"})
 
     def can_implement(self, layout: ActivationSparseLayout, device: torch.device, dtype: torch.dtype):
-        if device.type != "cpu":
-            return False, f"device {device.type} is not cpu"
-        if dtype not in ACT_DTYPES:
-            return False, f"activation dtype {dtype} not in {ACT_DTYPES}"
+        ok, reason = _cpu_and_dtype(device, dtype)
+        if not ok:
+            return ok, reason
         if layout.dense or layout.base.bits not in PACKED_BITS:
             return False, f"needs an int_affine base of {PACKED_BITS} bits"
         return native_available()
