@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from llmcomp.cli.common import console, user_errors
+from llmcomp.cli.common import KERNEL_OPTION, console, force_kernels, user_errors
 from llmcomp.errors import LlmcompError
 from llmcomp.hostinfo import cpu_summary
 
@@ -100,10 +100,7 @@ def bench(
         None, help="drop this fraction of each linear's inputs per decode token (TEAL/WINA; batch 1 reads only "
                    "the kept weight columns)"),
     activation_criterion: str = typer.Option("wina", help="with --activation-sparsity: wina or teal"),
-    kernel: str | None = typer.Option(
-        None, help="force kernels by name, comma-separated, first that fits each layer (sets LLMCOMP_KERNEL), e.g. "
-                   "cpu_w4a8,cpu_int8pack: int4 layers with int8 activations, faster batched CPU decode "
-                   "(docs/KERNELS.md)"),
+    kernel: str | None = KERNEL_OPTION,
 ) -> None:
     """Measure CPU decode tokens/s on the serving runtime (slot KV cache, lean forward) at each batch
     size, eager and compiled."""
@@ -112,8 +109,6 @@ def bench(
     activation = ActivationSettings(activation_sparsity, activation_criterion)
     activation.check()
     if kernel:
-        from llmcomp.cli.serve_cmd import force_kernels
-
         force_kernels(kernel)
     result = run_bench(model, parse_batch_sizes(batch_sizes), tokens, dtype, threads, parse_modes(modes), warmup,
                        prompt, activation)

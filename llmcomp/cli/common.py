@@ -47,3 +47,20 @@ def run_cli(app: typer.Typer) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+# --kernel on `serve` and `bench`: one option, one validation.
+KERNEL_OPTION = typer.Option(
+    None, help="force kernels by name, comma-separated, first that fits each layer (sets LLMCOMP_KERNEL), e.g. "
+               "cpu_w4a8,cpu_int8pack: int4 layers with int8 activations, faster batched CPU decode "
+               "(docs/KERNELS.md)")
+
+
+def force_kernels(names: str) -> None:
+    """Validate kernel names and set ``LLMCOMP_KERNEL`` for this process and its children."""
+    from llmcomp.kernels.dispatch import check_kernel_names
+
+    try:
+        os.environ["LLMCOMP_KERNEL"] = check_kernel_names(names)
+    except ValueError as exc:
+        raise LlmcompError(f"--kernel: {exc}") from None

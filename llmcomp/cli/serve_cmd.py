@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from llmcomp.cli.common import err_console, user_errors
+from llmcomp.cli.common import KERNEL_OPTION, err_console, force_kernels, user_errors
 from llmcomp.errors import LlmcompError
 
 CANONICAL_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names vLLM also accepts
@@ -52,10 +52,7 @@ def serve(
         None, help="native: drop this fraction of each linear's inputs per token (TEAL/WINA); batch-1 decode "
                    "reads only the kept weight columns"),
     activation_criterion: str = typer.Option("wina", help="with --activation-sparsity: wina or teal"),
-    kernel: str | None = typer.Option(
-        None, help="force kernels by name, comma-separated, first that fits each layer (sets LLMCOMP_KERNEL), e.g. "
-                   "cpu_w4a8,cpu_int8pack: int4 layers with int8 activations, faster batched CPU decode "
-                   "(docs/KERNELS.md)"),
+    kernel: str | None = KERNEL_OPTION,
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/models, /v1/completions, /v1/chat/completions (streaming
     with SSE), plus /health and Prometheus /metrics (native engine)."""
@@ -108,18 +105,6 @@ def serve(
     options = NativeOptions(host, port, api_key, max_batch_size, max_queue, dtype, name, max_model_len, threads,
                             compile=compile_step)
     run_native(source.location if source.kind == "dir" else model, options)
-
-
-def force_kernels(names: str) -> None:
-    """Validate kernel names and set ``LLMCOMP_KERNEL`` for this process and its children."""
-    import os
-
-    from llmcomp.kernels.dispatch import check_kernel_names
-
-    try:
-        os.environ["LLMCOMP_KERNEL"] = check_kernel_names(names)
-    except ValueError as exc:
-        raise LlmcompError(f"--kernel: {exc}") from None
 
 
 def _native_options(*args: Any) -> Any:
