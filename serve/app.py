@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,7 @@ class _Job:
     want_logprobs: bool
     include_usage: bool
     stream: bool
+    token_ids: bool = False  # vLLM's return_token_ids: choices and chunks carry their token ids
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -177,7 +178,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         prompts = [_tokenize_prompt(engine, p) for p in body.prompts()]
         job = _build_job(engine, body, prompts, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, body.logprobs,
                          chat=False)
-        return await _run(request, engine, metrics, token_text, job, "completions", started)
+        job.token_ids = body.return_token_ids
+        names = fmt.token_id_text if body.return_tokens_as_token_ids else token_text
+        return await _run(request, engine, metrics, names, job, "completions", started)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=generation_errors,
               response_description=STREAM_DESCRIPTION)
@@ -449,7 +452,7 @@ def _sse(obj: Any) -> str:
 
 
 async def _run(
-    request: Request, engine: Engine, metrics: ServerMetrics, token_text: fmt.TokenText, job: _Job,
+    request: Request, engine: Engine, metrics: ServerMetrics, token_text: Callable[[int], str], job: _Job,
     endpoint: str, started: float,
 ) -> Response:
     rid = fmt.new_id("chatcmpl" if job.chat else "cmpl")
@@ -457,6 +460,7 @@ async def _run(
     routes: list[str | None] = [None] * len(choices)  # routed serving: swift, super or mixed per choice
     energies: list[float | None] = [None] * len(choices)  # routed serving: the first decision's energy
     swift_tokens = [0] * len(choices)  # routed serving: completion tokens the swift model produced
+    token_ids: list[list[int]] = [[] for _ in choices]  # return_token_ids
     seen_token = False
 
     def record(i: int, ev: RequestOutput) -> None:
@@ -472,6 +476,7 @@ async def _run(
                 swift_tokens[i] = ev.completion_tokens
         c.text.append(ev.text)
         c.logprobs.extend(ev.logprobs)
+        token_ids[i].extend(ev.token_ids)
         c.completion_tokens = ev.completion_tokens
         if ev.token_ids and not seen_token:
             seen_token = True
@@ -504,6 +509,9 @@ async def _run(
             account()
         build = fmt.chat_response if job.chat else fmt.completion_response
         body = build(rid, job.model, choices, job.want_logprobs, token_text)
+        if job.token_ids:
+            for ids, choice in zip(token_ids, body["choices"], strict=True):
+                choice["token_ids"] = ids
         answered = _routed_to(routes)
         if answered is None:
             return JSONResponse(body)
@@ -555,8 +563,10 @@ async def _run(
                     if job.want_logprobs:
                         lps = fmt.completion_logprobs(ev.logprobs, token_text, offsets[i])
                         offsets[i] += sum(len(t) for t in lps["tokens"])
-                    yield _sse(_with_route(fmt.completion_chunk(rid, job.model, i, ev.text, lps, ev.finish_reason),
-                                           ev))
+                    chunk = fmt.completion_chunk(rid, job.model, i, ev.text, lps, ev.finish_reason)
+                    if job.token_ids:
+                        chunk["choices"][0]["token_ids"] = ev.token_ids
+                    yield _sse(_with_route(chunk, ev))
             if job.include_usage:
                 obj = "chat.completion.chunk" if job.chat else "text_completion"
                 yield _sse(fmt.usage_chunk(rid, job.model, obj, choices))

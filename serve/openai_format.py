@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,11 @@ class TokenText:
         return text
 
 
+def token_id_text(token_id: int) -> str:
+    """vLLM's ``return_tokens_as_token_ids`` spelling of a logprob token: exact, whatever its text."""
+    return f"token_id:{token_id}"
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -53,7 +59,7 @@ def usage(choices: list[ChoiceState]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_logprobs(lps: list[TokenLogprob], token_text: TokenText, offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(lps: list[TokenLogprob], token_text: Callable[[int], str], offset: int = 0) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, values, tops, offsets = [], [], [], []
     for lp in lps:
@@ -66,7 +72,7 @@ def completion_logprobs(lps: list[TokenLogprob], token_text: TokenText, offset: 
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(lps: list[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+def chat_logprobs(lps: list[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
     """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
 
     def entry(token_id: int, value: float) -> dict[str, Any]:
@@ -82,7 +88,7 @@ def chat_logprobs(lps: list[TokenLogprob], token_text: TokenText) -> dict[str, A
 
 
 def completion_response(
-    rid: str, model: str, choices: list[ChoiceState], want_logprobs: bool, token_text: TokenText
+    rid: str, model: str, choices: list[ChoiceState], want_logprobs: bool, token_text: Callable[[int], str]
 ) -> dict[str, Any]:
     return {
         "id": rid,
@@ -103,7 +109,7 @@ def completion_response(
 
 
 def chat_response(
-    rid: str, model: str, choices: list[ChoiceState], want_logprobs: bool, token_text: TokenText
+    rid: str, model: str, choices: list[ChoiceState], want_logprobs: bool, token_text: Callable[[int], str]
 ) -> dict[str, Any]:
     return {
         "id": rid,

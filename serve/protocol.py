@@ -109,6 +109,10 @@ class CompletionRequest(_SamplingFields):
     prompt: Prompt = Field(description="a string, strings, token ids, or lists of token ids (one answer each)")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
     echo: Literal[False] = Field(default=False, description="not supported")
+    return_token_ids: bool = Field(default=False, description="vLLM extension: each choice (and streamed chunk) "
+                                   "also carries its generated token ids as `token_ids`")
+    return_tokens_as_token_ids: bool = Field(default=False, description="vLLM extension: logprob tokens are "
+                                             "written 'token_id:{id}' instead of their text")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of strings or token-id lists (one entry per choice group)."""
@@ -203,11 +207,15 @@ class CompletionLogprobs(_Response):
     text_offset: list[int]
 
 
+TOKEN_IDS_DESCRIPTION = "only with return_token_ids: the generated token ids (of this chunk, when streamed)"
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
+    token_ids: list[int] | None = Field(default=None, description=TOKEN_IDS_DESCRIPTION)
     routed_to: ChoiceRoutedTo | None = Field(default=None, description=CHOICE_ROUTED_TO_DESCRIPTION)
     deferred_tokens: int | None = Field(default=None, ge=0, description=DEFERRED_DESCRIPTION)
 
@@ -230,6 +238,7 @@ class CompletionChunkChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    token_ids: list[int] | None = Field(default=None, description=TOKEN_IDS_DESCRIPTION)
     routed_to: RoutedTo | None = Field(default=None, description=ROUTED_TO_DESCRIPTION)
 
 

@@ -15,7 +15,9 @@ across the switch) and random generator, and its ``max_tokens`` is what is left.
 
 The two engines never share a KV cache, so nothing has to be kept consistent between them: a
 deferred request's swift cache is simply dropped, and the super cache is built from the token
-ids. Every event carries the model that produced its tokens and the first decision's energy
+ids. The super engine may be remote (:class:`~llmcomp.serve.remote_engine.RemoteEngine`): it gets
+the same token ids over HTTP and, given the swift detokenizer, continues the text the same way.
+Every event carries the model that produced its tokens and the first decision's energy
 (:class:`RoutedOutput`), which the HTTP layer turns into response fields (``routed_to``:
 swift, super or mixed; ``deferred_tokens``), a header and ``/metrics`` counters. ``tau`` (and
 ``T``) can be changed while serving (:meth:`RoutedEngine.update_router`); the next decision uses
@@ -144,13 +146,10 @@ class RoutedEngine:
                  context_length: int | None = None, compile: bool = False,
                  progress: Callable[[str], None] | None = None, super_engine: Any = None) -> None:
         """``super_engine`` (e.g. a :class:`~llmcomp.serve.remote_engine.RemoteEngine`) replaces
-        a local engine for ``super_model`` (then None); per-request mode only."""
+        a local engine for ``super_model`` (then None); it needs ``submit`` and ``submit_takeover``."""
         if config.energy_over != "vocab":
             raise ValueError("a served router takes the energy over the vocabulary (energy_over: vocab); "
                              "'choices' exists only for scoring tasks")
-        if super_engine is not None and config.mode == "token":
-            raise ValueError("router mode 'token' needs the super model in this server (a takeover continues the "
-                             "swift tokens in its KV cache); use mode 'request' with a remote super model")
         if super_engine is None and int(swift_model.config.vocab_size) != int(super_model.config.vocab_size):
             raise ValueError("the swift and super models have different vocabularies")
         self.router = Router(config)

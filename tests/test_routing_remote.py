@@ -106,11 +106,7 @@ def test_cancel_reaches_the_upstream(servers):
     assert upstream_engine.num_active == 0 and engine.super.num_active == 0
 
 
-def test_remote_super_refuses_token_mode_and_unreachable_urls(servers):
-    _, up_url, _, _, tokenizer, swift, _ = servers
-    with pytest.raises(ValueError, match="token"):
-        RoutedEngine(swift, None, tokenizer, RouterConfig(tau=0.0, mode="token"),
-                     super_engine=RemoteEngine(up_url))
+def test_remote_super_refuses_unreachable_urls():
     with pytest.raises(LlmcompError, match="cannot reach"):
         RemoteEngine("http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(LlmcompError, match="not an http"):
@@ -119,7 +115,7 @@ def test_remote_super_refuses_token_mode_and_unreachable_urls(servers):
 
 @pytest.mark.parametrize(("mode", "extra", "message"), [
     ("request", ["--super", "smollm2-135m"], "not both"),
-    ("token", [], "mode 'token' needs --super"),
+    ("token", ["--engine", "vllm"], "native engine"),
 ])
 def test_serve_super_url_bad_combinations_are_one_line(tmp_path, mode, extra, message):
     from typer.testing import CliRunner
@@ -131,3 +127,140 @@ def test_serve_super_url_bad_combinations_are_one_line(tmp_path, mode, extra, me
     result = CliRunner().invoke(app, ["serve", "--router", str(tmp_path / "router.json"), "--super-url",
                                       "http://127.0.0.1:9", *extra])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+# -- token mode and logprobs with a remote super model ------------------------------------------------
+STEPS = 10
+
+
+def energies_of(model, ids: list[int], steps: int = STEPS) -> list[float]:
+    """The swift energy before each token of swift-only greedy generation (HF forward, float64 sum)."""
+    seq, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(steps):
+            last = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+            out.append(float(-torch.logsumexp(last, 0)))
+            seq.append(int(last.argmax()))
+    return out
+
+
+def takeover_tau(energies: list[float]) -> tuple[float, int]:
+    """A tau that the energy first crosses at a step >= 2 (with a margin): the swift model makes
+    that many tokens, the super model the rest."""
+    for at in range(2, len(energies)):
+        below = max(energies[:at])
+        if energies[at] - below > 1e-3:
+            return (below + energies[at]) / 2, at
+    raise AssertionError("no energy record after step 2")
+
+
+def hf_takeover(swift, super_, ids: list[int], at: int, steps: int = STEPS) -> list[int]:
+    """Reference: ``at`` swift greedy tokens, then super greedy from prompt + those tokens."""
+    seq = list(ids)
+    with torch.no_grad():
+        for k in range(steps):
+            model = swift if k < at else super_
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+@pytest.fixture(scope="module")
+def token_mode(servers):
+    """The same swift model routed in token mode twice: super remote (the upstream) and super local."""
+    _, up_url, _, _, tokenizer, swift, super_ = servers
+    ids = tokenizer(PROMPTS[1]).input_ids
+    tau, at = takeover_tau(energies_of(swift, ids))
+    config = RouterConfig(tau=tau, mode="token")
+    remote = RoutedEngine(swift, None, tokenizer, config, max_batch_size=2, max_queue=8, context_length=CONTEXT,
+                          super_engine=RemoteEngine(up_url, max_batch_size=2, max_queue=8))
+    local = RoutedEngine(swift, super_, tokenizer, config, max_batch_size=2, max_queue=8, context_length=CONTEXT)
+    with BackgroundServer(create_app(remote, ServerConfig("routed"))) as r_url, \
+            BackgroundServer(create_app(local, ServerConfig("routed"))) as l_url:
+        yield r_url, l_url, remote, ids, at
+    remote.close()
+    local.close()
+
+
+def test_token_mode_remote_takeover_equals_local_and_reference(servers, token_mode):
+    _, _, _, _, tokenizer, swift, super_ = servers
+    r_url, l_url, remote, ids, at = token_mode
+    tokens = hf_takeover(swift, super_, ids, at)
+    events: queue.Queue = queue.Queue()
+    remote.submit(ids, SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True), events.put)
+    evs = [events.get(timeout=60)]
+    while not evs[-1].finished:
+        evs.append(events.get(timeout=60))
+    assert [t for ev in evs for t in ev.token_ids] == tokens  # the upstream's token ids are relayed
+    assert [ev.routed_to for ev in evs for _ in ev.token_ids] == ["swift"] * at + ["super"] * (STEPS - at)
+    assert evs[-1].completion_tokens == STEPS and all(ev.prompt_tokens == len(ids) for ev in evs)
+    request = {"model": "routed", "prompt": PROMPTS[1], "max_tokens": STEPS, "temperature": 0, "ignore_eos": True}
+    answers = [httpx.post(f"{u}/v1/completions", json=request, timeout=60) for u in (r_url, l_url)]
+    got, want = (a.json() for a in answers)
+    assert answers[0].headers[ROUTED_HEADER] == got["routed_to"] == want["routed_to"] == "mixed"
+    assert got["choices"][0]["text"] == want["choices"][0]["text"] == tokenizer.decode(tokens)
+    assert got["deferred_tokens"] == want["deferred_tokens"] == STEPS - at
+    assert got["usage"] == want["usage"]
+    with httpx.stream("POST", f"{r_url}/v1/completions", json={**request, "stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    routes = [c["choices"][0]["routed_to"] for c in chunks]
+    switch = routes.index("super")
+    assert set(routes[:switch]) == {"swift"} and set(routes[switch:]) == {"super"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == got["choices"][0]["text"]
+
+
+def test_token_mode_remote_stop_string_across_the_switch(servers, token_mode):
+    """A stop string that starts in the swift text and ends in the super text stops both ways alike
+    (the upstream's token ids go through the swift detokenizer, which holds back the prefix)."""
+    _, _, _, _, tokenizer, swift, super_ = servers
+    r_url, l_url, _, ids, at = token_mode
+    tokens = hf_takeover(swift, super_, ids, at)
+    swift_text, full = tokenizer.decode(tokens[:at]), tokenizer.decode(tokens)
+    assert len(swift_text) >= 2 and len(full) >= len(swift_text) + 3
+    stop = full[len(swift_text) - 2:len(swift_text) + 2]
+    assert stop not in swift_text and stop not in full[len(swift_text):]  # only across the boundary
+    request = {"model": "routed", "prompt": PROMPTS[1], "max_tokens": STEPS, "temperature": 0, "stop": [stop]}
+    got, want = (httpx.post(f"{u}/v1/completions", json=request, timeout=60).json() for u in (r_url, l_url))
+    assert got["choices"][0]["text"] == want["choices"][0]["text"] == full[:full.index(stop)]
+    assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"] == "stop"
+    assert got["usage"] == want["usage"] and got["routed_to"] == "mixed"
+
+
+def test_logprobs_pass_through_from_the_upstream(servers, token_mode):
+    url, up_url, _, _, tokenizer, _, _ = servers
+    r_url, l_url, _, _, _ = token_mode
+    request = {"prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0, "logprobs": 3}
+    direct = httpx.post(f"{up_url}/v1/completions", json={**request, "model": "super-up"}, timeout=60).json()
+    routed = httpx.post(f"{url}/v1/completions", json={**request, "model": "routed"}, timeout=60).json()
+    assert routed["routed_to"] == "super" and routed["choices"][0]["logprobs"] == direct["choices"][0]["logprobs"]
+    assert len(routed["choices"][0]["logprobs"]["tokens"]) == TOKENS
+    chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "routed", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+        "logprobs": True, "top_logprobs": 2}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"] and all(len(c["top_logprobs"]) == 2 for c in content)
+    # token mode: swift logprobs, then the upstream's, equal to the local takeover's
+    request = {"model": "routed", "prompt": PROMPTS[1], "max_tokens": STEPS, "temperature": 0, "ignore_eos": True,
+               "logprobs": 2}
+    got, want = (httpx.post(f"{u}/v1/completions", json=request, timeout=60).json()["choices"][0]["logprobs"]
+                 for u in (r_url, l_url))
+    assert got["tokens"] == want["tokens"] and len(got["tokens"]) == STEPS
+    assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    for g, w in zip(got["top_logprobs"], want["top_logprobs"], strict=True):
+        assert list(g) == list(w) and list(g.values()) == pytest.approx(list(w.values()), abs=1e-5)
+
+
+def test_native_server_returns_token_ids(servers):
+    """The vLLM extensions the relay asks for: ``return_token_ids`` and ``token_id:N`` logprob tokens."""
+    _, up_url, _, _, tokenizer, _, super_ = servers
+    ids = tokenizer(PROMPTS[0]).input_ids
+    with torch.no_grad():
+        want = super_.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+    request = {"model": "super-up", "prompt": ids, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True,
+               "return_token_ids": True, "logprobs": 1, "return_tokens_as_token_ids": True}
+    body = httpx.post(f"{up_url}/v1/completions", json=request, timeout=60).json()["choices"][0]
+    assert body["token_ids"] == want and body["logprobs"]["tokens"] == [f"token_id:{t}" for t in want]
+    assert [int(next(iter(top))[9:]) for top in body["logprobs"]["top_logprobs"]] == want  # greedy: top-1
+    with httpx.stream("POST", f"{up_url}/v1/completions", json={**request, "stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == want
