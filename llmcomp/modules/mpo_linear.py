@@ -87,17 +87,31 @@ def core_matrix_shape(shape: tuple[int, int, int, int]) -> tuple[int, int]:
     return r * m, n * s
 
 
-def mpo_apply(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
+def mirrored_shapes(shapes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Core shapes of the mirrored MPO (cores reversed, bonds swapped)."""
+    return [(s, m, n, r) for r, m, n, s in reversed(shapes)]
+
+
+def contract_right_to_left(shapes: list[tuple[int, int, int, int]]) -> bool:
+    """Whether contracting right to left costs fewer multiply-adds (the direction :func:`mpo_apply` takes)."""
+    return contraction_macs(mirrored_shapes(shapes)) < contraction_macs(shapes)
+
+
+def mpo_apply(x: torch.Tensor, cores: list[torch.Tensor], right_to_left: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` for the MPO ``cores``, without forming ``W``. ``x [..., in]`` -> ``[..., out]``.
 
     Contracts left to right or right to left, whichever costs fewer multiply-adds (for unbalanced
     factors the two differ by orders of magnitude); right to left is left to right on the mirrored
     MPO (cores reversed, bonds swapped), whose matrix is ``W`` with digit-reversed indices.
+    ``right_to_left`` passes a direction planned once (:class:`MPOLinear` does, so its forward has
+    no per-call shape arithmetic for ``torch.compile`` to trace); None decides here.
     """
     shapes = [tuple(c.shape) for c in cores]
-    mirrored = [c.permute(3, 1, 2, 0) for c in reversed(cores)]
-    if contraction_macs([tuple(c.shape) for c in mirrored]) >= contraction_macs(shapes):
+    if right_to_left is None:
+        right_to_left = contract_right_to_left(shapes)
+    if not right_to_left:
         return _contract(x, cores)
+    mirrored = [c.permute(3, 1, 2, 0) for c in reversed(cores)]
     x_rev = _digit_reverse(x, [s[2] for s in shapes])
     return _digit_reverse(_contract(x_rev, mirrored), [s[1] for s in reversed(shapes)])
 
@@ -136,7 +150,7 @@ def _contract(x: torch.Tensor, cores: list[torch.Tensor]) -> torch.Tensor:
 
 def contraction_macs(shapes: list[tuple[int, int, int, int]]) -> int:
     """Multiply-adds per input row of :func:`mpo_apply` (the sum over cores of ``P Q r n m s``)."""
-    total, p, q = 0, 1, math.prod(s[2] for s in shapes)
+    total, p, q = 0, 1, math.prod([s[2] for s in shapes])
     for r, m, n, s in shapes:
         q //= n
         total += p * q * r * n * m * s
@@ -162,7 +176,7 @@ def mpo_to_matrix(cores: list[torch.Tensor]) -> torch.Tensor:
     t = t.reshape(*t.shape[1:-1])  # [m1, n1, m2, n2, ...]
     perm = [2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]
     t = t.permute(perm)
-    out = math.prod(c.shape[1] for c in cores)
+    out = math.prod([c.shape[1] for c in cores])  # a list: dynamo cannot trace math.prod over a generator
     return t.reshape(out, -1)
 
 
@@ -200,6 +214,11 @@ class MPOLinear(nn.Module):
             if not self.core_symmetric:
                 self.register_buffer(f"core_{k}_zero_point", torch.zeros(rows, groups, dtype=torch.int8))
         self.core_group_size = spec.core_group_size
+        # The forward's plan, fixed by the shapes: planned here so forward does no shape arithmetic
+        # (torch.compile broke the graph on it and then recompiled the caller per layer).
+        self.right_to_left = contract_right_to_left(self.core_shapes)
+        self.contract_macs = contraction_macs(self.core_shapes)
+        self.rebuild_macs = rebuild_macs(self.core_shapes)
         self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=dtype), requires_grad=False) if spec.bias \
             else None
 
@@ -298,15 +317,13 @@ class MPOLinear(nn.Module):
         ``rows`` costs fewer multiply-adds (long prefill, training), or ``LLMCOMP_MPO_FORWARD=contract``."""
         if FORWARD_MODE == "contract":
             return True
-        shapes = self.core_shapes
-        dense = self.in_features * self.out_features
-        return rows * contraction_macs(shapes) <= rebuild_macs(shapes) + rows * dense
+        return rows * self.contract_macs <= self.rebuild_macs + rows * self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cores = self.cores
         h = x.to(cores[0].dtype)
         if self.uses_contraction(h.numel() // self.in_features):
-            y = mpo_apply(h, cores)
+            y = mpo_apply(h, cores, self.right_to_left)
         else:  # transient: built for this call and freed after it, never kept
             y = F.linear(h, mpo_to_matrix(cores))
         if self.bias is not None:
