@@ -1,4 +1,5 @@
-"""``llmcomp heal CKPT --teacher MODEL -o OUT``: distill a tensorized / low-rank checkpoint."""
+"""``llmcomp heal CKPT --teacher MODEL -o OUT``: distill a tensorized / low-rank checkpoint;
+``llmcomp quantize-cores CKPT -o OUT --bits 8``: quantize its MPO cores afterwards."""
 
 from __future__ import annotations
 
@@ -58,5 +59,32 @@ def heal(
                       f"(kl {first['kl']:.4f} -> {last['kl']:.4f}) -> {output}")
 
 
+@user_errors
+def quantize_cores(
+    checkpoint: Path = typer.Argument(..., help="llmcomp checkpoint with float-core MPO modules (e.g. a healed one)"),
+    output: Path = typer.Option(..., "--output", "-o", help="where to write the checkpoint with int cores"),
+    bits: int = typer.Option(8, "--bits", "-b", help="bits per core entry: 8 or 4"),
+    group_size: int = typer.Option(64, help="group length along each core's (r*m) x (n*s) rows; -1 = whole rows"),
+    symmetric: bool = typer.Option(False, help="no zero points (symmetric groups)"),
+    fit_iters: int | None = typer.Option(
+        None, help="least-squares scale refinement rounds (default: FineQuant's, as the tensornet pass); 0 = RTN"),
+    overwrite: bool = typer.Option(False, help="replace OUTPUT if it exists (atomically)"),
+) -> None:
+    """Quantize the MPO cores of a checkpoint to int8 / int4 (heal first, then quantize: int cores do not train).
+
+    Every float-core MPO module is quantized as the tensornet pass's core_bits option does it; all other tensors
+    are copied unchanged. The per-module error and bits per weight go to llmcomp_report.json."""
+    from llmcomp.core_quant import quantize_checkpoint_cores
+    from llmcomp.passes.finequant_fit import DEFAULT_FIT_ITERS
+
+    iters = DEFAULT_FIT_ITERS if fit_iters is None else fit_iters
+    report = quantize_checkpoint_cores(checkpoint, output, bits, group_size, symmetric, iters, overwrite)
+    worst = max(r["rel_error"] for r in report.values())
+    bpw = sum(r["bits_per_weight"] for r in report.values()) / len(report)
+    console.print(f"quantized the cores of {len(report)} MPO modules to int{bits}: relative weight error up to "
+                  f"{worst:.4f}, {bpw:.2f} bits per dense weight on average -> {output}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("heal")(heal)
+    app.command("quantize-cores")(quantize_cores)

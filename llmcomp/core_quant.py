@@ -1,0 +1,101 @@
+"""Quantize the float MPO cores of an existing llmcomp checkpoint (``llmcomp quantize-cores``).
+
+Why a separate step: the paper heals and then quantizes, and int cores do not train, so a healed
+checkpoint needs its cores quantized afterwards. Each float-core ``mpo`` module is rebuilt from
+its spec, its cores quantized exactly as the ``tensornet`` pass's ``core_bits`` option does
+(:func:`llmcomp.passes.tensornet.quantize_cores`), and its tensors replaced by codes, scales and
+zero points in the same shard; every other tensor is copied unchanged. Written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from llmcomp.errors import LlmcompError
+from llmcomp.formats.atomic import AtomicDirectory, write_file_atomic
+from llmcomp.formats.checkpoint import INDEX_FILE, REPORT_FILE, load_tensors, tensor_files_meta, validate_checkpoint
+from llmcomp.modules.mpo_linear import CORE_BITS, DEFAULT_CORE_GROUP, MPOLinear, MPOSpec
+from llmcomp.passes import finequant_fit as fit
+from llmcomp.passes.base import weight_error
+from llmcomp.passes.tensornet import quantize_cores
+from llmcomp.scheme import FORMAT_VERSION
+
+
+def quantize_checkpoint_cores(ckpt: str | Path, output: str | Path, bits: int, group_size: int = DEFAULT_CORE_GROUP,
+                              symmetric: bool = False, fit_iters: int = fit.DEFAULT_FIT_ITERS,
+                              overwrite: bool = False) -> dict[str, dict[str, Any]]:
+    """Write ``output``: ``ckpt`` with every float-core MPO's cores quantized to ``bits``.
+
+    Returns the per-module report (``rel_error`` of the dense weight against the float cores,
+    ``bits_per_weight`` of the stored cores), also added to the checkpoint report.
+    """
+    if bits not in CORE_BITS:
+        raise LlmcompError(f"core bits must be one of {CORE_BITS}, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise LlmcompError(f"core group size must be positive or -1 (whole rows), got {group_size}")
+    if fit_iters < 0:
+        raise LlmcompError(f"fit iterations must be non-negative, got {fit_iters}")
+    ckpt, output = Path(ckpt), Path(output)
+    info = validate_checkpoint(ckpt)
+    mpos = {n: s for n, s in info.modules.items() if isinstance(s, MPOSpec)}
+    targets = {n: s for n, s in mpos.items() if s.core_bits is None}
+    if not targets:
+        raise LlmcompError(f"{ckpt} has no float-core MPO modules: nothing to quantize"
+                           + (" (its cores are quantized already)" if mpos else " (compress with tensornet first)"))
+    if output.exists() and output.resolve() == ckpt.resolve():
+        raise LlmcompError("the output must differ from the input checkpoint")
+
+    replaced: dict[str, dict[str, torch.Tensor]] = {}  # shard -> new tensors
+    dropped: set[str] = set()
+    specs = dict(info.modules)
+    report: dict[str, dict[str, Any]] = {}
+    for name, spec in targets.items():
+        own = [t for t in info.tensors if t.startswith(f"{name}.")]
+        tensors = load_tensors(info, own)
+        dtype = tensors[f"{name}.core_0"].dtype
+        module = MPOLinear.from_spec(spec, dtype)
+        module.load_state_dict({t[len(name) + 1:]: v for t, v in tensors.items()}, strict=True)
+        qmod = quantize_cores(module, bits, group_size, symmetric, fit_iters)
+        shard = info.tensors[f"{name}.core_0"].file
+        replaced.setdefault(shard, {}).update({f"{name}.{t}": v.contiguous() for t, v in qmod.state_dict().items()})
+        dropped.update(own)
+        specs[name] = qmod.spec()
+        w = module.dequantized_weight(torch.float64)
+        report[name] = {"rel_error": weight_error(w, qmod.dequantized_weight(torch.float64)),
+                        "bits_per_weight": qmod.storage_bytes * 8 / w.numel()}
+
+    with AtomicDirectory(output, overwrite) as stage:
+        for item in ckpt.iterdir():
+            if item.is_file() and item.name not in info.files and item.name not in ("config.json", INDEX_FILE):
+                shutil.copy2(item, stage.path / item.name)
+        weight_map: dict[str, str] = {}
+        for fname in info.files:
+            kept = [n for n, t in info.tensors.items() if t.file == fname and n not in dropped]
+            tensors = {**load_tensors(info, kept), **replaced.get(fname, {})}
+            save_file(tensors, str(stage.path / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, fname))
+        if (ckpt / INDEX_FILE).is_file():
+            index = json.loads((ckpt / INDEX_FILE).read_text())
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            index.setdefault("metadata", {})["total_size"] = sum((stage.path / f).stat().st_size for f in info.files)
+            (stage.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        config = json.loads((ckpt / "config.json").read_text())
+        qc = config["quantization_config"]
+        qc["format_version"] = FORMAT_VERSION  # the specs below are the parsed (upgraded) ones
+        qc["modules"] = {n: s.model_dump(mode="json") for n, s in specs.items()}
+        qc["files"] = tensor_files_meta(stage.path, weight_map)
+        report_path = stage.path / REPORT_FILE
+        full = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        full["core_quantization"] = {"bits": bits, "group_size": group_size, "symmetric": symmetric,
+                                     "fit_iters": fit_iters, "modules": report}
+        report_path.write_text(json.dumps(full, indent=2, default=str))
+        write_file_atomic(stage.path / "config.json", json.dumps(config, indent=2))
+        stage.commit()
+    return report
+
