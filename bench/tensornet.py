@@ -33,7 +33,14 @@ from llmcomp.modules.lowrank_linear import LowRankLinear
 from llmcomp.modules.mpo_linear import MPOLinear
 from llmcomp.passes.base import child_name, compressible_modules, pass_registry, set_submodule
 from llmcomp.passes.lowrank import FactorizedConfig, lowrank_rank, truncated_svd
-from llmcomp.passes.tensornet import TensorNetConfig, chi_for_ratio, mpo_decompose, plan_factors, quantize_cores
+from llmcomp.passes.tensornet import (
+    TensorNetConfig,
+    balance_cores,
+    chi_for_ratio,
+    mpo_decompose,
+    plan_factors,
+    quantize_cores,
+)
 from llmcomp.profiling import decoder_blocks
 from llmcomp.runtime import ModelRunner
 
@@ -42,12 +49,14 @@ BYTES_PER_PARAM = 2  # bf16 storage, as the embedded model's checkpoint
 EVAL_BATCH = 4  # windows per forward: an MPO layer rebuilds its weight once per long forward
 
 
-def factorize(model: nn.Module, method: str, ratio: float, cache: dict[str, Any]) -> dict[str, Any]:
+def factorize(model: nn.Module, method: str, ratio: float, cache: dict[str, Any], balance: bool = False
+              ) -> dict[str, Any]:
     """Apply ``method`` (2-core tensornet or lowrank, their sensitivity defaults) at ``ratio`` in place.
 
     One full SVD per layer and method is cached and truncated for every ratio: for 2 cores (and
     low rank) the truncated decomposition is exactly the leading part of the full one, and the
     squared error exactly the discarded squared singular values (tests/test_tensornet.py).
+    ``balance``: MPO cores balanced (``balance_cores``: sqrt of the bond spectrum on each side).
     """
     cls = pass_registry()[method]
     cfg = cls.Config.model_validate({"ratio": ratio})
@@ -66,7 +75,8 @@ def factorize(model: nn.Module, method: str, ratio: float, cache: dict[str, Any]
                     cache[name] = mpo_decompose(w, out_f, in_f)
                 full, spectra = cache[name]
                 chi = chi_for_ratio(out_f, in_f, ratio)
-                module = MPOLinear.from_cores([full[0][..., :chi], full[1][:chi]], linear.bias, torch.float32)
+                cores = [full[0][..., :chi], full[1][:chi]]
+                module = MPOLinear.from_cores(balance_cores(cores) if balance else cores, linear.bias, torch.float32)
                 s = spectra[0]
             else:
                 if name not in cache:
@@ -305,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--core-bits", default="8,4")
     ap.add_argument("--core-group", type=int, default=64)
     ap.add_argument("--healed", type=Path, help="healed factors (from --save-healed) for --quant-cores")
+    ap.add_argument("--balance-cores", action="store_true", help="balance the MPO cores before evaluating / healing")
     ap.add_argument("--out", type=Path, default=Path("bench/results/tensornet.json"))
     args = ap.parse_args(argv)
     if args.report is not None:
@@ -360,7 +371,9 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods.split(","):
             model = copy.deepcopy(dense)
             t1 = time.perf_counter()
-            row = {"method": method, "ratio": ratio, **factorize(model, method, ratio, caches.setdefault(method, {}))}
+            row = {"method": method, "ratio": ratio,
+                   **factorize(model, method, ratio, caches.setdefault(method, {}), args.balance_cores)}
+            row["balanced_cores"] = args.balance_cores and method == "tensornet"
             row["factorize_seconds"] = round(time.perf_counter() - t1, 1)
             row["perplexity"] = perplexity(model, tok, text, args)
             print(json.dumps(row), f"({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -194,3 +194,57 @@ def test_spec_round_trip_and_validation() -> None:
         MPOSpec(in_features=40, out_features=48, out_factors=[8, 6], in_factors=[5, 7], ranks=[7])
     with pytest.raises(ValueError):
         MPOSpec(in_features=40, out_features=48, out_factors=[8, 6], in_factors=[5, 8], ranks=[7, 2])
+
+
+def bond_unfolding(w: torch.Tensor, out_f: list[int], in_f: list[int], k: int) -> torch.Tensor:
+    """``W`` as the matrix (m_1 n_1 .. m_k n_k) x (the rest), from the index definition by reshapes."""
+    d = len(out_f)
+    t = w.reshape(*out_f, *in_f).permute([i for j in range(d) for i in (j, d + j)])
+    return t.reshape(math.prod(out_f[:k]) * math.prod(in_f[:k]), -1)
+
+
+def bond_grams(cores: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrices of the left part (cores before bond k) and the right part (cores after it)."""
+    left = cores[0].reshape(-1, cores[0].shape[3])
+    for core in cores[1:k]:
+        left = (left @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[3])
+    right = cores[-1].reshape(cores[-1].shape[0], -1)
+    for core in reversed(cores[k:-1]):
+        right = (core.reshape(-1, core.shape[3]) @ right).reshape(core.shape[0], -1)
+    return left.T @ left, right @ right.T
+
+
+@pytest.mark.parametrize(("d", "caps"), [(2, [5]), (3, [4, 6]), (4, [3, 5, 4]), (3, None)])
+def test_balanced_cores_keep_the_product_and_split_each_bond_spectrum(d, caps) -> None:
+    from llmcomp.passes.tensornet import balance_cores
+
+    w = randn(48, 40, seed=40 + d)
+    out_f, in_f = auto_factors(48, 40, d)
+    cores, _ = mpo_decompose(w, out_f, in_f, caps)
+    balanced = balance_cores(cores)
+    assert [c.shape for c in balanced] == [c.shape for c in cores]
+    product = mpo_to_matrix(cores)
+    torch.testing.assert_close(mpo_to_matrix(balanced), product, rtol=0, atol=1e-12 * product.abs().max().item())
+    for k in range(1, d):
+        left, right = bond_grams(balanced, k)
+        spectrum = torch.linalg.svdvals(bond_unfolding(product, out_f, in_f, k))[: left.shape[0]]
+        scale = spectrum[0].item()
+        torch.testing.assert_close(left, torch.diag(spectrum), rtol=0, atol=1e-10 * scale)
+        torch.testing.assert_close(right, torch.diag(spectrum), rtol=0, atol=1e-10 * scale)
+    left, _ = bond_grams(cores, 1)  # unbalanced TT-SVD: orthonormal first core, all the scale further right
+    torch.testing.assert_close(left, torch.eye(left.shape[0], dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_balancing_any_cores_keeps_the_product_even_with_a_rank_deficient_bond() -> None:
+    """Random (non-canonical) cores, and a bond wider than the rank it can carry (zero singular values)."""
+    from llmcomp.passes.tensornet import balance_cores
+
+    cores = [randn(*s, seed=50 + k) for k, s in enumerate(core_shapes([3, 2, 4], [2, 5, 3], [4, 3]))]
+    cores[1][:, :, :, 2] = 0  # bond 2 has rank 2 of 3
+    balanced = balance_cores([c.float() for c in cores])
+    assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in balanced)
+    product = mpo_to_matrix(cores)
+    torch.testing.assert_close(mpo_to_matrix([c.double() for c in balanced]), product, rtol=1e-5,
+                               atol=1e-5 * product.abs().max().item())
+    exact = balance_cores(cores)
+    torch.testing.assert_close(mpo_to_matrix(exact), product, rtol=0, atol=1e-12 * product.abs().max().item())

@@ -125,3 +125,22 @@ def test_vllm_spec_accepts_the_mpo_checkpoint(mpo_ckpt) -> None:
 
     qc = json.loads((mpo_ckpt / "config.json").read_text())["quantization_config"]
     assert check_checkpoint(qc) == len(qc["modules"]) > 0
+
+
+def test_balanced_cores_give_the_same_weights_with_other_cores(mpo_ckpt, tiny_llama_dir, tmp_path) -> None:
+    recipe = recipe_from_dict({"passes": [{"type": "tensornet", "ratio": 0.5, "num_cores": 3,
+                                           "dense_first_blocks": 1, "balance_cores": True}]})
+    out = compress(str(tiny_llama_dir), recipe, tmp_path / "b", progress=False)
+    assert all(m["balanced_cores"] for m in out.report["modules"].values())
+    plain = dict(AutoModelForCausalLM.from_pretrained(mpo_ckpt).named_modules())
+    balanced = {n: m for n, m in AutoModelForCausalLM.from_pretrained(out.output_dir).named_modules()
+                if isinstance(m, MPOLinear)}
+    assert balanced
+    for name, module in balanced.items():
+        ref = plain[name]
+        assert module.ranks == ref.ranks and not torch.equal(module.core_0, ref.core_0)
+        w, w_ref = module.dequantized_weight(torch.float64), ref.dequantized_weight(torch.float64)
+        torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-5 * w_ref.abs().max().item())  # float32 cores
+        norms = [c.norm().item() for c in module.cores]  # the scale is shared, not all in the last core
+        ref_norms = [c.norm().item() for c in ref.cores]
+        assert max(norms) / min(norms) < max(ref_norms) / min(ref_norms)

@@ -23,6 +23,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -41,6 +42,8 @@ from llmcomp.passes.base import ModuleReport, ModuleState, register_pass, weight
 from llmcomp.passes.lowrank import FactorizedConfig, FactorizedPass, energy_rank
 
 DEFAULT_CORES = 2
+DEFAULT_BALANCE = False  # measured: docs/TENSORNET.md, "Core balancing"
+BALANCE_FLOOR = 1e-12  # bond singular values below this fraction of the largest are floored (no division by 0)
 
 
 def prime_factors(n: int) -> list[int]:
@@ -132,6 +135,49 @@ def mpo_decompose(weight: torch.Tensor, out_factors: list[int], in_factors: list
     return cores, spectra
 
 
+def _svd_fixed(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mat = u diag(s) vh`` with exactly ``rank`` columns of ``u`` (zero-padded where ``mat`` has fewer)."""
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    pad = rank - s.numel()
+    if pad > 0:
+        u, s, vh = F.pad(u, (0, pad)), F.pad(s, (0, pad)), F.pad(vh, (0, 0, 0, pad))
+    return u, s, vh
+
+
+def balance_cores(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The same MPO (same product, same shapes) with each bond's singular values split as square
+    roots into its two neighbouring cores (Vidal's ``sqrt(l) Gamma sqrt(l)``), in float64.
+
+    Why: TT-SVD leaves every core but the last orthonormal and the whole scale in the last one, so
+    Adam's per-entry steps during healing are large relative changes of the small cores. Balanced,
+    the left and right Gram matrices at every bond both equal ``diag(l)``, the singular values of
+    that bond's unfolding (tested), as the low-rank factors ``U sqrt(S)``, ``sqrt(S) V^T`` are.
+    Method: a left-to-right SVD sweep (left-orthonormal), a right-to-left one that reads off the
+    bond spectra ``l``, then core ``k`` gets ``sqrt(l_{k-1})`` on its left and ``1/sqrt(l_k)`` on
+    its right (``l`` floored at ``BALANCE_FLOOR * max``: the factors cancel exactly either way).
+    """
+    g = [c.detach().double() for c in cores]
+    d = len(g)
+    for k in range(d - 1):
+        bond = g[k].shape[3]
+        u, s, vh = _svd_fixed(g[k].reshape(-1, bond), bond)
+        g[k] = u.reshape(g[k].shape)
+        g[k + 1] = torch.tensordot(s[:, None] * vh, g[k + 1], dims=([1], [0]))
+    spectra: list[torch.Tensor] = [torch.ones(1, dtype=torch.float64)] * (d + 1)  # bond k+1 between cores k, k+1
+    for k in range(d - 1, 0, -1):
+        bond = g[k].shape[0]
+        u, s, vh = _svd_fixed(g[k].reshape(bond, -1), bond)
+        g[k] = vh.reshape(g[k].shape)
+        g[k - 1] = torch.tensordot(g[k - 1], u * s, dims=([3], [0]))
+        top = float(s.max())
+        spectra[k] = s.clamp_min(top * BALANCE_FLOOR) if top > 0 else torch.ones_like(s)
+    out = []
+    for k, core in enumerate(g):
+        left, right = spectra[k].sqrt(), spectra[k + 1].rsqrt()
+        out.append((left[:, None, None, None] * core * right).to(cores[k].dtype))
+    return out
+
+
 class TensorNetConfig(FactorizedConfig):
     num_cores: int = Field(DEFAULT_CORES, ge=MIN_CORES, le=MAX_CORES, description="cores per MPO (2-4)")
     out_factors: list[int] | None = Field(None, description="factors of out_features (default: automatic)")
@@ -140,6 +186,8 @@ class TensorNetConfig(FactorizedConfig):
     core_group_size: int = Field(DEFAULT_CORE_GROUP, description="group length of quantized cores; -1 = whole rows")
     core_symmetric: bool = Field(False, description="quantized cores without zero points")
     core_fit_iters: int = Field(fit.DEFAULT_FIT_ITERS, ge=0, description="least-squares scale rounds; 0 = RTN")
+    balance_cores: bool = Field(DEFAULT_BALANCE, description="split each bond's singular values as square roots "
+                                "into both neighbouring cores (same product; for healing)")
 
     @model_validator(mode="after")
     def _factor_lengths(self) -> TensorNetConfig:
@@ -203,6 +251,8 @@ class TensorNetPass(FactorizedPass):
         if state.mask is not None:
             w = w * state.mask.to(w.dtype)
         cores, _ = decompose_for(w, cfg)
+        if cfg.balance_cores:
+            cores = balance_cores(cores)
         module = MPOLinear.from_cores(cores, linear.bias, dtype=w.dtype)
         float_error = weight_error(w, module.dequantized_weight(torch.float32))
         if cfg.core_bits is not None:
@@ -218,6 +268,7 @@ class TensorNetPass(FactorizedPass):
             "params": module.num_params,
             "param_ratio": module.num_params / w.numel(),
             "core_bits": cfg.core_bits,
+            "balanced_cores": cfg.balance_cores,
             "bits_per_weight": module.storage_bytes * 8 / w.numel(),
             "rel_error": weight_error(w, module.dequantized_weight(torch.float32)),
             "rel_error_float_cores": float_error,
