@@ -234,6 +234,25 @@ def test_compiled_quantized_step_is_one_graph_per_bucket(model) -> None:
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_several_compiled_runners_keep_every_bucket_compiled(model) -> None:
+    """Runners share one compiled function: three runners of four buckets (12 graphs: their cache
+    shapes differ) exceed dynamo's default limit of 8 graphs per function, past which it would
+    silently run eagerly."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runners = [ModelRunner(model, max_batch_size=8, max_model_len=length, compile=True, compile_backend="eager")
+               for length in (18, 17, 16)]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for runner in runners:
+            runner.warm_up()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 12  # 3 runners x buckets 1, 2, 4, 8
+    ids = random_ids(6, 3)
+    eager = ModelRunner(model, max_batch_size=8, max_model_len=16)
+    eager.prefill(0, ids[:5])
+    runners[-1].prefill(0, ids[:5])
+    torch.testing.assert_close(runners[-1].decode([ids[5]]), eager.decode([ids[5]]), rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("lean", [True, False])
 def test_decode_with_prefill_matches_separate_forwards(model, lean: bool) -> None:
     """A decode step of two sequences fused with two prefill chunks (the second chunk of one

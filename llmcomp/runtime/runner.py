@@ -26,6 +26,22 @@ DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill call: bounds how long r
 DEFAULT_COMPILE_BACKEND = "inductor"
 FALLBACK_CONTEXT_LENGTH = 2048  # when the config names no maximum position
 log = logging.getLogger(__name__)
+_compiled_graphs = 0  # decode-step graphs (buckets) of every compiled runner made in this process
+
+
+def _reserve_compiled_graphs(count: int) -> None:
+    """Let dynamo keep ``count`` more graphs of the decode step.
+
+    Why: every runner compiles the same function (``_decode_eager``), and dynamo caches graphs per
+    function, at most ``recompile_limit`` (8) of them. One graph per batch bucket and per runner
+    exceeds that as soon as a process holds two runners (routing's swift and super, benchmarks
+    comparing checkpoints), and dynamo then silently runs the rest eagerly.
+    """
+    global _compiled_graphs
+    _compiled_graphs += count
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, _compiled_graphs)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _compiled_graphs)
 
 
 def context_length(model: Any) -> int:
@@ -107,6 +123,7 @@ class ModelRunner:
         self.compiled = compile and self.backend == "lean"
         self._decode_fn: Callable[..., torch.Tensor] = self._decode_eager
         if self.compiled:
+            _reserve_compiled_graphs(len(self.buckets))
             self._decode_fn = torch.compile(self._decode_eager, backend=compile_backend, dynamic=False)
         self.compile_seconds = 0.0
 
