@@ -114,6 +114,30 @@ def test_compiled_decode_matches_eager_across_lengths(model) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # nothing recompiled
 
 
+def test_decode_attention_matches_naive_loops(model) -> None:
+    """The compiled step's single-query attention (grouped heads, masked keys, float32 at least)
+    against a per-row, per-head softmax loop in float64; bf16 inputs within bf16 rounding."""
+    from llmcomp.runtime.kv_cache import SlotKVCache
+    from llmcomp.runtime.llama import LlamaForward
+
+    forward = LlamaForward(model, SlotKVCache(3, 2, 2, 16, 9, torch.float64, torch.device("cpu")))
+    gen = torch.Generator().manual_seed(5)
+    q, keys, values = (torch.randn(shape, generator=gen, dtype=torch.float64)
+                       for shape in ((3, 4, 1, 16), (3, 2, 7, 16), (3, 2, 7, 16)))
+    lengths = [7, 3, 1]
+    mask = (torch.arange(7)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]  # [B, 1, 1, L]
+    want = torch.empty_like(q)
+    for b, n in enumerate(lengths):
+        for h in range(4):
+            kv = h // 2  # 4 query heads on 2 key/value heads
+            w = torch.softmax(keys[b, kv, :n] @ q[b, h, 0] / 16 ** 0.5, dim=0)
+            want[b, h, 0] = w @ values[b, kv, :n]
+    torch.testing.assert_close(forward._decode_attention(q, keys, values, mask), want, rtol=0, atol=1e-12)
+    got = forward._decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=0.02, atol=0.02)
+
+
 def test_buckets_and_unsupported_architectures(model) -> None:
     assert batch_buckets(1) == [1] and batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(8) == [1, 2, 4, 8]
     assert unsupported_reason(model, 64) is None
