@@ -94,8 +94,28 @@ def quantize_checkpoint_cores(ckpt: str | Path, output: str | Path, bits: int, g
         full = json.loads(report_path.read_text()) if report_path.is_file() else {}
         full["core_quantization"] = {"bits": bits, "group_size": group_size, "symmetric": symmetric,
                                      "fit_iters": fit_iters, "modules": report}
+        _update_sizes(full, report, bits, sum(f["bytes"] for f in qc["files"].values()))
         report_path.write_text(json.dumps(full, indent=2, default=str))
         write_file_atomic(stage.path / "config.json", json.dumps(config, indent=2))
         stage.commit()
     return report
 
+
+
+def _update_sizes(full: dict[str, Any], report: dict[str, dict[str, Any]], bits: int, tensor_bytes: int) -> None:
+    """Keep the report's size fields true (``llmcomp eval`` and ``inspect`` read them): per-module
+    bits, the numel-weighted average, and the checkpoint's bytes and ratio."""
+    modules = full.get("modules")
+    if isinstance(modules, dict):
+        for name, entry in report.items():
+            if isinstance(modules.get(name), dict):
+                modules[name].update(bits_per_weight=entry["bits_per_weight"], core_bits=bits)
+        bpw = [(m["bits_per_weight"], m.get("numel", 0)) for m in modules.values()
+               if isinstance(m, dict) and "bits_per_weight" in m]
+        total = sum(n for _, n in bpw)
+        if total:
+            full["average_bits_per_weight"] = sum(b * n for b, n in bpw) / total
+    if "compressed_bytes" in full:
+        full["compressed_bytes"] = tensor_bytes
+        if full.get("original_bytes"):
+            full["compression_ratio"] = full["original_bytes"] / max(tensor_bytes, 1)

@@ -55,6 +55,7 @@ def test_codes_are_the_tensornet_quantizers_and_the_rest_is_untouched(healed, qu
     before, after = tensors(healed), tensors(quantized)
     specs = json.loads((quantized / "config.json").read_text())["quantization_config"]["modules"]
     mpo_names = [n for n, s in specs.items() if s["kind"] == "mpo"]
+    bits: dict[str, float] = {}
     assert mpo_names and all(specs[n]["core_bits"] == BITS and specs[n]["core_group_size"] == GROUP
                              for n in mpo_names)
     for name in mpo_names:
@@ -66,10 +67,18 @@ def test_codes_are_the_tensornet_quantizers_and_the_rest_is_untouched(healed, qu
         for k, v in expected.items():
             assert after[f"{name}.{k}"].dtype == v.dtype and torch.equal(after[f"{name}.{k}"], v), (name, k)
         assert f"{name}.core_0" not in after
+        stored_bits = 8 * sum(v.numel() * v.element_size() for k, v in expected.items() if k != "bias")
+        bits[name] = stored_bits / (spec.in_features * spec.out_features)
     others = {n for n in before if not any(n.startswith(m + ".") for m in mpo_names)}
     assert others and all(torch.equal(before[n], after[n]) for n in others)
     report = json.loads((quantized / "llmcomp_report.json").read_text())
     assert "healing" in report and set(report["core_quantization"]["modules"]) == set(mpo_names)
+    old_report = json.loads((healed / "llmcomp_report.json").read_text())
+    for name in mpo_names:  # the size fields eval / inspect read are updated
+        assert report["modules"][name]["bits_per_weight"] == pytest.approx(bits[name])
+        assert bits[name] < old_report["modules"][name]["bits_per_weight"] / 3
+    assert report["average_bits_per_weight"] < old_report["average_bits_per_weight"]
+    assert report["compressed_bytes"] == (quantized / "model.safetensors").stat().st_size
 
 
 def test_logits_match_a_float64_reference_and_the_runtime(quantized, tiny_llama_dir) -> None:
