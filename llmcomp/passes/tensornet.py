@@ -149,9 +149,10 @@ def balance_cores(cores: list[torch.Tensor]) -> list[torch.Tensor]:
     roots into its two neighbouring cores (Vidal's ``sqrt(l) Gamma sqrt(l)``), in float64.
 
     Why: TT-SVD leaves every core but the last orthonormal and the whole scale in the last one, so
-    Adam's per-entry steps during healing are large relative changes of the small cores. Balanced,
-    the left and right Gram matrices at every bond both equal ``diag(l)``, the singular values of
-    that bond's unfolding (tested), as the low-rank factors ``U sqrt(S)``, ``sqrt(S) V^T`` are.
+    Adam's per-entry steps during healing are large relative changes of the small cores (on
+    SmolLM2 this did not measurably slow healing: docs/TENSORNET.md). Balanced, the left and right
+    Gram matrices at every bond both equal ``diag(l)``, the singular values of that bond's
+    unfolding (tested), as the low-rank factors ``U sqrt(S)``, ``sqrt(S) V^T`` are.
     Method: a left-to-right SVD sweep (left-orthonormal), a right-to-left one that reads off the
     bond spectra ``l``, then core ``k`` gets ``sqrt(l_{k-1})`` on its left and ``1/sqrt(l_k)`` on
     its right (``l`` floored at ``BALANCE_FLOOR * max``: the factors cancel exactly either way).
