@@ -29,6 +29,7 @@ ROUTER_FORMAT = "llmcomp-router"
 ROUTER_VERSION = 1
 SWIFT, SUPER = "swift", "super"
 Mode = Literal["request", "token"]  # request: one decision per input (after prefill); token: per step
+OnSpike = Literal["takeover", "defer"]  # token mode: the super model makes the rest, or that one token
 EnergyOver = Literal["vocab", "choices"]  # the whole vocabulary, or the answer choices' first tokens
 
 
@@ -85,6 +86,9 @@ class RouterConfig(_Model):
     tau: float = Field(description="inputs whose swift energy is above tau go to the super model")
     temperature: float = Field(default=1.0, gt=0.0, description="T of the energy")
     mode: Mode = "request"
+    on_spike: OnSpike = Field(default="takeover", description="mode token: at a step above tau the super model "
+                              "makes that token and all the rest (takeover) or only that token, then the swift "
+                              "model goes on (defer)")
     energy_over: EnergyOver = "vocab"
     normalize: bool = Field(default=False, description="take the energy of log-probabilities (log_softmax) instead "
                             "of raw logits: shift-invariant; for T < 1 a Renyi entropy (not in the paper)")

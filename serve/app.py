@@ -459,7 +459,7 @@ async def _run(
     choices = [fmt.ChoiceState(prompt_tokens=len(ids), prompt_index=index) for ids, _, index in job.sequences]
     routes: list[str | None] = [None] * len(choices)  # routed serving: swift, super or mixed per choice
     energies: list[float | None] = [None] * len(choices)  # routed serving: the first decision's energy
-    swift_tokens = [0] * len(choices)  # routed serving: completion tokens the swift model produced
+    super_tokens = [0] * len(choices)  # routed serving: completion tokens the super model produced
     token_ids: list[list[int]] = [[] for _ in choices]  # return_token_ids
     seen_token = False
 
@@ -472,8 +472,8 @@ async def _run(
                 routes[i], energies[i] = route, getattr(ev, "energy", None)
             elif routes[i] != route:
                 routes[i] = "mixed"  # token mode: the super model took over after swift tokens
-            if route == "swift":
-                swift_tokens[i] = ev.completion_tokens
+            if route == "super":  # counted from usage: a remote super model's events may carry text only
+                super_tokens[i] += ev.completion_tokens - c.completion_tokens
         c.text.append(ev.text)
         c.logprobs.extend(ev.logprobs)
         token_ids[i].extend(ev.token_ids)
@@ -485,9 +485,7 @@ async def _run(
             c.finish_reason = ev.finish_reason
 
     def deferred(i: int) -> int:
-        """Completion tokens the super model produced (counted from usage: a remote super model's
-        events carry text, not token ids)."""
-        return choices[i].completion_tokens - swift_tokens[i] if routes[i] in ("super", "mixed") else 0
+        return super_tokens[i]
 
     def account() -> None:
         for i, (route, value) in enumerate(zip(routes, energies, strict=True)):

@@ -11,7 +11,11 @@ logits for the next token is above ``tau``, that token and the rest of the reque
 model's (takeover). The sequence leaves the swift batch and enters the super engine with the
 prompt plus the tokens generated so far as its "prompt", so the super KV cache is caught up by
 one chunked prefill; it keeps the swift sequence's detokenizer (text and stop strings continue
-across the switch) and random generator, and its ``max_tokens`` is what is left.
+across the switch) and random generator, and its ``max_tokens`` is what is left. With
+``on_spike: defer`` the super engine makes only that one token and hands the sequence back the same
+way: the swift engine gets prompt + every token so far as its "prompt" (one chunked prefill), then
+goes on deciding at every step. Each leg re-prefills the sequence in the engine it enters (neither
+engine keeps a parked slot), which is what a deferred token costs here.
 
 The two engines never share a KV cache, so nothing has to be kept consistent between them: a
 deferred request's swift cache is simply dropped, and the super cache is built from the token
@@ -72,26 +76,50 @@ def with_route(ev: RequestOutput, model: str | None, decision: Decision | None,
 class _Route:
     """One request's routing state: its client sink, the decision, the super handle once deferred."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, prompt_tokens: int) -> None:
         self.sink = sink
         self.decision: Decision | None = None  # the first one (after prefill)
         self.swift_handle: Any = None
         self.super_handle: Any = None
         self.cancelled = False
-        self.prompt_tokens: int | None = None  # set at a takeover: the super "prompt" includes swift tokens
-        self.swift_tokens = 0  # tokens the swift model produced before the super model took over
+        self.prompt_tokens = prompt_tokens  # the client's; a later leg's "prompt" includes generated tokens
+        self.earlier = 0  # tokens generated before the current leg (a leg: one stay in one engine)
         self.forget: Callable[[], None] | None = None  # drops the route when the swift part ends
 
     def swift_event(self, ev: RequestOutput) -> None:
         if ev.finished and self.forget is not None:
             self.forget()  # finished, cancelled or failed on the swift engine
-        self.sink(with_route(ev, SWIFT, self.decision))
+        self.sink(with_route(ev, SWIFT, self.decision, self.prompt_tokens, self.earlier))
 
     def super_event(self, ev: RequestOutput) -> None:
-        self.sink(with_route(ev, SUPER, self.decision, self.prompt_tokens, self.swift_tokens))
+        self.sink(with_route(ev, SUPER, self.decision, self.prompt_tokens, self.earlier))
 
 
-class _SwiftEngine(_Engine):
+class _Continuing(_Engine):
+    """An engine that can continue a sequence the other engine started, for good or (``back``)
+    for one token, after which ``back(sequence)`` hands it on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._back: dict[int, Callable[[Any], None]] = {}  # sequence id -> hand-back, for one-token visits
+        super().__init__(*args, **kwargs)
+
+    def submit_takeover(self, ids: list[int], params: SamplingParams, sink: Sink, detok: Any,
+                        generator: torch.Generator, back: Callable[[Any], None] | None = None) -> RequestHandle:
+        """Continue a sequence: ``ids`` = prompt + tokens so far (prefilled in chunks), its
+        detokenizer and generator carry on. Admitted past the queue bound and ahead of the waiting
+        requests: its client is already being answered."""
+        seq = _Sequence(next(self._ids), list(ids), params, sink, detok, generator)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("engine is shut down")
+            if back is not None:
+                self._back[seq.id] = back
+            self._waiting.appendleft(seq)
+            self._cond.notify()
+        return RequestHandle(seq, self)
+
+
+class _SwiftEngine(_Continuing):
     """The swift model's engine: the router sees the logits of every token before it is sampled
     into the sequence (request mode decides only at the first)."""
 
@@ -106,21 +134,21 @@ class _SwiftEngine(_Engine):
         return super()._append_token(seq, logits, token)
 
 
-class _SuperEngine(_Engine):
-    """The super model's engine; also takes over sequences the swift engine started."""
+class _SuperEngine(_Continuing):
+    """The super model's engine; also continues sequences the swift engine started."""
 
-    def submit_takeover(self, ids: list[int], params: SamplingParams, sink: Sink, detok: Any,
-                        generator: torch.Generator) -> RequestHandle:
-        """Continue a swift sequence: ``ids`` = prompt + swift tokens (prefilled in chunks), the
-        swift detokenizer and generator carry on. Admitted past the queue bound and ahead of the
-        waiting requests: its client is already being answered."""
-        seq = _Sequence(next(self._ids), list(ids), params, sink, detok, generator)
-        with self._cond:
-            if self._closed:
-                raise EngineClosedError("engine is shut down")
-            self._waiting.appendleft(seq)
-            self._cond.notify()
-        return RequestHandle(seq, self)
+    def _append_token(self, seq: Any, logits: torch.Tensor, token: int) -> bool:
+        back = self._back.pop(seq.id, None)
+        finished = super()._append_token(seq, logits, token)
+        if finished or back is None:
+            return finished
+        seq.done = True  # a one-token visit: its token was emitted, it leaves this batch
+        back(seq)
+        return True
+
+    def _finish(self, seq: Any, *args: Any, **kwargs: Any) -> None:
+        self._back.pop(seq.id, None)  # cancelled or failed before its token
+        super()._finish(seq, *args, **kwargs)
 
 
 class RoutedHandle:
@@ -150,6 +178,9 @@ class RoutedEngine:
         if config.energy_over != "vocab":
             raise ValueError("a served router takes the energy over the vocabulary (energy_over: vocab); "
                              "'choices' exists only for scoring tasks")
+        if super_engine is not None and config.mode == "token" and config.on_spike == "defer":
+            raise ValueError("on_spike 'defer' needs the super model in this server (a deferred token goes back "
+                             "to the swift engine); use on_spike 'takeover' with a remote super model")
         if super_engine is None and int(swift_model.config.vocab_size) != int(super_model.config.vocab_size):
             raise ValueError("the swift and super models have different vocabularies")
         self.router = Router(config)
@@ -195,7 +226,7 @@ class RoutedEngine:
 
     def submit_many(self, requests: list[tuple[list[int], SamplingParams, Sink]]) -> list[RoutedHandle]:
         """Every request starts on the swift engine (which bounds the queue: QueueFullError)."""
-        routes = [_Route(sink) for _, _, sink in requests]
+        routes = [_Route(sink, len(ids)) for ids, _, sink in requests]
         with self._lock:  # _decide (engine thread) waits until the routes are registered
             handles = self.swift.submit_many([(ids, params, route.swift_event)
                                               for (ids, params, _), route in zip(requests, routes, strict=True)])
@@ -215,16 +246,16 @@ class RoutedEngine:
 
     # -- the decision (swift engine thread) ---------------------------------------------------------
     def _decide(self, seq: Any, logits: torch.Tensor) -> bool:
-        """Route one swift step (the logits for its next token); True when the super engine takes
-        the sequence over. Request mode decides only at the first token, token mode at each."""
-        first = not seq.output_ids
+        """Route one swift step (the logits for its next token); True when the sequence goes to the
+        super engine. Request mode decides only at the first token, token mode at each."""
         config = self.router.config
-        if not first and config.mode != "token":
+        if seq.output_ids and config.mode != "token":
             return False
         with self._lock:
             route = self._routes.get(seq.id)
         if route is None:  # cannot happen while the sequence is live; never fail a step for it
             return False
+        first = route.decision is None
         decision = self.router.decide(logits)
         if first:
             route.decision = decision
@@ -236,14 +267,17 @@ class RoutedEngine:
             self._routes.pop(seq.id, None)
             route.forget = None
             self.takeovers += not first
+        defer = config.mode == "token" and config.on_spike == "defer"
         try:
-            if first:  # the whole request: as if it had been sent to the super model
+            if first and not defer:  # the whole request: as if it had been sent to the super model
                 route.super_handle = self.super.submit(seq.prompt_ids, seq.params, route.super_event)
             else:
-                route.prompt_tokens, route.swift_tokens = len(seq.prompt_ids), len(seq.output_ids)
+                route.earlier += len(seq.output_ids)
                 params = dataclasses.replace(seq.params, max_tokens=seq.params.max_tokens - len(seq.output_ids))
+                back = (lambda visit, r=route: self._back_to_swift(r, visit)) if defer else None
+                extra = {"back": back} if defer else {}
                 route.super_handle = self.super.submit_takeover(seq.prompt_ids + seq.output_ids, params,
-                                                                route.super_event, seq.detok, seq.generator)
+                                                                route.super_event, seq.detok, seq.generator, **extra)
         except (QueueFullError, EngineClosedError) as exc:
             route.super_event(RequestOutput("", [], [], True, "error", len(seq.prompt_ids), 0, str(exc),
                                             retryable=True))
@@ -251,6 +285,25 @@ class RoutedEngine:
         if route.cancelled:
             route.super_handle.cancel()
         return True
+
+    def _back_to_swift(self, route: _Route, visit: Any) -> None:
+        """``on_spike: defer``: the super engine made one token of ``visit``; the swift engine goes on
+        from prompt + every token so far (super engine thread)."""
+        route.earlier += len(visit.output_ids)
+        params = dataclasses.replace(visit.params, max_tokens=visit.params.max_tokens - len(visit.output_ids))
+        try:
+            with self._lock:  # registered before _decide (swift engine thread) can look for it
+                handle = self.swift.submit_takeover(visit.prompt_ids + visit.output_ids, params, route.swift_event,
+                                                    visit.detok, visit.generator)
+                route.swift_handle = handle
+                route.forget = lambda key=handle.id: self._forget(key)
+                self._routes[handle.id] = route
+        except EngineClosedError as exc:
+            route.swift_event(RequestOutput("", [], [], True, "error", route.prompt_tokens, 0, str(exc),
+                                            retryable=True))
+            return
+        if route.cancelled:
+            handle.cancel()
 
     def _forget(self, seq_id: int) -> None:
         with self._lock:

@@ -106,7 +106,11 @@ def test_cancel_reaches_the_upstream(servers):
     assert upstream_engine.num_active == 0 and engine.super.num_active == 0
 
 
-def test_remote_super_refuses_unreachable_urls():
+def test_remote_super_refuses_unreachable_urls_and_defer(servers):
+    _, up_url, _, _, tokenizer, swift, _ = servers
+    with pytest.raises(ValueError, match="defer"):
+        RoutedEngine(swift, None, tokenizer, RouterConfig(tau=0.0, mode="token", on_spike="defer"),
+                     super_engine=RemoteEngine(up_url))
     with pytest.raises(LlmcompError, match="cannot reach"):
         RemoteEngine("http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(LlmcompError, match="not an http"):
@@ -116,6 +120,7 @@ def test_remote_super_refuses_unreachable_urls():
 @pytest.mark.parametrize(("mode", "extra", "message"), [
     ("request", ["--super", "smollm2-135m"], "not both"),
     ("token", ["--engine", "vllm"], "native engine"),
+    ("defer", [], "on_spike 'defer' needs --super"),
 ])
 def test_serve_super_url_bad_combinations_are_one_line(tmp_path, mode, extra, message):
     from typer.testing import CliRunner
@@ -123,7 +128,9 @@ def test_serve_super_url_bad_combinations_are_one_line(tmp_path, mode, extra, me
     from llmcomp.cli.main import app
     from llmcomp.routing import save_router
 
-    save_router(RouterConfig(tau=0.0, mode=mode, swift="smollm2-135m"), tmp_path / "router.json")
+    on_spike = "defer" if mode == "defer" else "takeover"
+    save_router(RouterConfig(tau=0.0, mode="request" if mode == "request" else "token", on_spike=on_spike,
+                             swift="smollm2-135m"), tmp_path / "router.json")
     result = CliRunner().invoke(app, ["serve", "--router", str(tmp_path / "router.json"), "--super-url",
                                       "http://127.0.0.1:9", *extra])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

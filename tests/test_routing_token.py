@@ -243,3 +243,73 @@ def test_server_cancel_after_takeover_frees_both_engines(served):
         ev = events.get(timeout=60)
     assert ev.finish_reason == "cancelled" and ev.completion_tokens < 40
     settle(engine)
+
+
+# -- server: mode token, on_spike defer ------------------------------------------------------------
+def reference_deferral(swift, super_, prompt: list[int], tau: float) -> tuple[list[int], list[bool]]:
+    """Per-token deferral: above tau the super model makes that token, then the swift model goes on."""
+    seq, by_super = list(prompt), []
+    while len(seq) - len(prompt) < STEPS:
+        spike = naive_energy(full_forward(swift, seq)[-1].tolist()) > tau
+        seq.append(int(full_forward(super_ if spike else swift, seq)[-1].argmax()))
+        by_super.append(spike)
+        if seq[-1] == EOS:
+            break
+    return seq[len(prompt):], by_super
+
+
+@pytest.fixture(scope="module")
+def deferring(pair):
+    swift, super_, tok = pair
+    prompts = [tok.encode(p) for p in PROMPTS]
+    energies = sorted(swift_energies(swift, prompts[1]))
+    tau = (energies[7] + energies[8]) / 2  # spikes at a few steps
+    refs = [reference_deferral(swift, super_, p, tau) for p in prompts]
+    engine = RoutedEngine(swift, super_, tok, RouterConfig(tau=tau, mode="token", on_spike="defer"),
+                          max_batch_size=4, max_queue=16, context_length=64)
+    with BackgroundServer(create_app(engine, ServerConfig(MODEL))) as url:
+        yield url, engine, prompts, refs, tau
+    engine.close()
+
+
+def test_server_per_token_deferral_equals_reference_in_a_batch(pair, deferring):
+    swift, super_, _ = pair
+    _, engine, prompts, refs, tau = deferring
+    # interleaved answers: some super token is followed by a swift token
+    assert any(s and not n for _, b in refs for s, n in zip(b, b[1:], strict=False))
+    queues = [collect(engine, p) for p in prompts]  # all at once: visits while others decode
+    for prompt, events, (tokens, by_super) in zip(prompts, queues, refs, strict=True):
+        evs = drain(events)
+        assert [t for ev in evs for t in ev.token_ids] == tokens
+        assert [ev.routed_to == "super" for ev in evs for _ in ev.token_ids] == by_super
+        assert [ev.completion_tokens for ev in evs if ev.token_ids] == list(range(1, len(tokens) + 1))
+        assert all(ev.prompt_tokens == len(prompt) for ev in evs)
+    # the library's per-token deferral (both KV caches kept) agrees with the server's legs
+    lib = generate_with_deferral(*runners(pair), prompts[1], Router(RouterConfig(tau=tau)), STEPS, eos={EOS})
+    assert (lib.tokens, lib.by_super) == refs[1]
+    settle(engine)
+
+
+def test_server_per_token_deferral_response_and_cancel(deferring):
+    url, engine, prompts, refs, tau = deferring
+    i = next(k for k, (_, b) in enumerate(refs) if any(s and not n for s, n in zip(b, b[1:], strict=False)))
+    tokens, by_super = refs[i]
+    request = {"model": MODEL, "prompt": prompts[i], "max_tokens": STEPS, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=request, timeout=60)
+    body = r.json()
+    assert r.status_code == 200 and body["routed_to"] == r.headers[ROUTED_HEADER] == "mixed"
+    assert body["deferred_tokens"] == sum(by_super) and body["usage"]["completion_tokens"] == len(tokens)
+    with httpx.stream("POST", f"{url}/v1/completions", json={**request, "stream": True}, timeout=60) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    routes = [c["choices"][0]["routed_to"] for c in chunks]
+    assert "super" in routes and routes[routes.index("super"):].count("swift") > 0  # back to swift after super
+    assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
+    events: queue.Queue = queue.Queue()
+    handle = engine.submit(prompts[i], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), events.put)
+    while (ev := events.get(timeout=60)).routed_to != "super":
+        assert not ev.finished
+    handle.cancel()
+    while not ev.finished:
+        ev = events.get(timeout=60)
+    assert ev.finish_reason == "cancelled" and ev.completion_tokens < 40
+    settle(engine)

@@ -142,6 +142,9 @@ def _serve_routed(model: str | None, swift: str | None, super_: str | None, rout
     if super_url is not None:
         if super_ is not None:
             raise LlmcompError("give --super or --super-url, not both")
+        if config.mode == "token" and config.on_spike == "defer":
+            raise LlmcompError("router on_spike 'defer' needs --super (a deferred token goes back to the local "
+                               "swift engine); use on_spike 'takeover' with --super-url")
     swift, super_ = swift or config.swift, super_ or (None if super_url else config.super)
     if swift is None or (super_ is None and super_url is None):
         raise LlmcompError("routed serving needs --swift and --super or --super-url (or router.json naming them)")
