@@ -295,21 +295,42 @@ def listening_pid(base_url: str) -> int | None:
 
 @dataclass
 class ServerSpec:
-    """``ENGINE:CHECKPOINT`` from --serve."""
+    """``ENGINE:CHECKPOINT`` from --serve; ``ENGINE:CHECKPOINT@K1+K2`` also forces kernels (``--kernel K1,K2``),
+    so one run compares the same checkpoint on different kernels."""
 
     engine: str
     checkpoint: str
+    kernels: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> ServerSpec:
-        engine, sep, checkpoint = text.partition(":")
+        engine, sep, rest = text.partition(":")
+        checkpoint, _, kernels = rest.partition("@")
         if not sep or engine not in ENGINES or not checkpoint:
             raise argparse.ArgumentTypeError(f"expected ENGINE:CHECKPOINT with ENGINE in {ENGINES}, got {text!r}")
-        return cls(engine, checkpoint)
+        if kernels and engine != "native":
+            raise argparse.ArgumentTypeError(f"@KERNELS applies to native servers only, got {text!r}")
+        return cls(engine, checkpoint, kernels.replace("+", ",") or None)
 
     @property
     def label(self) -> str:
-        return Path(self.checkpoint).name or self.checkpoint
+        name = Path(self.checkpoint).name or self.checkpoint
+        return f"{name}@{self.kernels.replace(',', '+')}" if self.kernels else name
+
+    @property
+    def kernel_args(self) -> list[str]:
+        return ["--kernel", self.kernels] if self.kernels else []
+
+
+def parse_cpus(text: str) -> set[int]:
+    """``0,2`` -> {0, 2}, checked against the CPUs this process may use."""
+    try:
+        cpus = {int(c) for c in text.split(",")}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated CPU numbers, got {text!r}") from None
+    if not cpus <= os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(f"CPUs {sorted(cpus)} are not all among {sorted(os.sched_getaffinity(0))}")
+    return cpus
 
 
 class ServerError(RuntimeError):
@@ -325,16 +346,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """``llmcomp serve`` in its own process group, logging to a file; stopped like a service manager would."""
 
-    def __init__(self, spec: ServerSpec, extra_args: list[str], log: Path, api_key: str | None) -> None:
+    def __init__(self, spec: ServerSpec, extra_args: list[str], log: Path, api_key: str | None,
+                 cpus: set[int] | None = None) -> None:
         self.spec = spec
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log
         self.api_key = api_key
         self.command = [sys.executable, "-m", "llmcomp", "serve", spec.checkpoint, "--engine", spec.engine,
-                        "--port", str(self.port), *extra_args]
+                        "--port", str(self.port), *spec.kernel_args, *extra_args]
         with log.open("w") as out:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.started = time.perf_counter()
 
     @property
@@ -403,8 +426,9 @@ def log_path(args: argparse.Namespace, index: int, spec: ServerSpec) -> Path:
 async def benchmark_server(args: argparse.Namespace, index: int, spec: ServerSpec) -> list[dict[str, Any]]:
     """Start one server, run the sweep (or soak) against it, stop it: its rows."""
     log = log_path(args, index, spec)
-    server = ServerProcess(spec, server_args(args, spec.engine), log, args.api_key)
+    server = ServerProcess(spec, server_args(args, spec.engine), log, args.api_key, args.server_cpus)
     base = {"engine": spec.engine, "checkpoint": spec.label, "checkpoint_path": spec.checkpoint,
+            "server_cpus": sorted(args.server_cpus) if args.server_cpus else None,
             "server_command": shlex.join(server.command), "log": str(log)}
     print(f"[{spec.engine} {spec.label}] starting (log: {log})", flush=True)
     try:
@@ -622,10 +646,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-url", default=None, help="OpenAI base URL ending in /v1 (default http://127.0.0.1:8000/v1)")
     p.add_argument("--serve", action="append", type=ServerSpec.parse, default=[], metavar="ENGINE:CKPT",
                    help="start `llmcomp serve CKPT --engine ENGINE` (native or vllm) and benchmark it; repeatable, "
-                   "run one at a time in the order given")
+                   "run one at a time in the order given; native:CKPT@K1+K2 adds `--kernel K1,K2`")
     p.add_argument("--server-args", default="", help="extra `llmcomp serve` arguments for every server (one string)")
     p.add_argument("--native-args", default="", help="extra `llmcomp serve` arguments for native servers only")
     p.add_argument("--vllm-args", default="", help="extra `llmcomp serve` arguments for vLLM servers only")
+    p.add_argument("--server-cpus", type=parse_cpus, default=None, metavar="0,1",
+                   help="pin launched servers (all their processes) to these CPUs, e.g. to keep the clients off "
+                   "their cores")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a launched server may take to start")
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default: next to --output)")
     p.add_argument("--server-pid", type=int, default=None, help="with --base-url: pid whose process tree RSS to "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -45,6 +47,18 @@ def test_percentile_matches_reference(serve_load):
     assert serve_load.percentile([], 50) is None
 
 
+def test_server_spec_forces_kernels_on_native_servers_only(serve_load):
+    spec = serve_load.ServerSpec.parse("native:/ck/rtn-w8@cpu_w8a8+cpu_int8pack")
+    assert (spec.engine, spec.checkpoint, spec.kernels) == ("native", "/ck/rtn-w8", "cpu_w8a8,cpu_int8pack")
+    assert spec.label == "rtn-w8@cpu_w8a8+cpu_int8pack" and spec.kernel_args == ["--kernel", "cpu_w8a8,cpu_int8pack"]
+    plain = serve_load.ServerSpec.parse("vllm:/ck/rtn-w8")
+    assert plain.kernels is None and plain.kernel_args == [] and plain.label == "rtn-w8"
+    with pytest.raises(argparse.ArgumentTypeError, match="native servers only"):
+        serve_load.ServerSpec.parse("vllm:/ck/rtn-w8@cpu_w8a8")
+    with pytest.raises(argparse.ArgumentTypeError, match="not all among"):
+        serve_load.parse_cpus("0,4096")
+
+
 def bare_python_rss() -> int:
     out = subprocess.run([sys.executable, "-c", "import psutil; print(psutil.Process().memory_info().rss)"],
                          capture_output=True, text=True, check=True, timeout=60)
@@ -53,9 +67,10 @@ def bare_python_rss() -> int:
 
 def test_launcher_sweeps_a_native_server(serve_load, tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "load.json"
+    cpu = min(os.sched_getaffinity(0))
     rc = serve_load.main(["--serve", f"native:{tiny_llama_dir}", "--server-args", "--no-compile --max-batch-size 4",
                           "--clients", "1,2", "--duration", "2", "--max-tokens", "8", "--startup-timeout", "120",
-                          "--output", str(out)])
+                          "--server-cpus", str(cpu), "--output", str(out)])
     result = json.loads(out.read_text())
     rows = result["rows"]
     log = Path(rows[0]["log"])
@@ -74,6 +89,7 @@ def test_launcher_sweeps_a_native_server(serve_load, tiny_llama_dir, tmp_path, c
         # API process + model worker, both with torch loaded: several times a bare interpreter
         assert row["peak_rss_mib"] * 2**20 > 2 * bare
         assert row["startup_s"] > 0 and row["server_exit_code"] in (0, -15)
+        assert row["server_cpus"] == [cpu]
     meta = result["meta"]
     assert meta["cpu"] and meta["versions"]["torch"] and "--clients 1,2" in meta["command"]
     printed = capsys.readouterr().out
