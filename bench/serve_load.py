@@ -323,13 +323,15 @@ class ServerSpec:
 
 
 def parse_cpus(text: str) -> set[int]:
-    """``0,2`` -> {0, 2}, checked against the CPUs this process may use."""
+    """``0,2`` -> {0, 2}, checked against the machine's CPUs (not this process's affinity: the clients
+    may be pinned elsewhere)."""
     try:
         cpus = {int(c) for c in text.split(",")}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated CPU numbers, got {text!r}") from None
-    if not cpus <= os.sched_getaffinity(0):
-        raise argparse.ArgumentTypeError(f"CPUs {sorted(cpus)} are not all among {sorted(os.sched_getaffinity(0))}")
+    machine = set(range(os.cpu_count() or 1))
+    if not cpus <= machine:
+        raise argparse.ArgumentTypeError(f"CPUs {sorted(cpus)} are not all among {sorted(machine)}")
     return cpus
 
 
