@@ -8,8 +8,10 @@ of prompt + those tokens (sent as token ids), with the upstream's logprobs.
 """
 import argparse
 import json
+
 import httpx
 import torch
+
 from llmcomp.loading import load_model
 from llmcomp.routing import RouterConfig
 from llmcomp.serve.app import ServerConfig, create_app
@@ -39,7 +41,8 @@ print("energies", [round(e, 2) for e in energies], "takeover at", at, "tau", tau
 swift_ids = seq[len(ids):len(ids) + at]
 # reference: vLLM's own greedy continuation of prompt + the swift tokens (token-id prompt)
 ref = httpx.post(f"{UP}/v1/completions", timeout=300, json={
-    "model": args.upstream_model, "prompt": ids + swift_ids, "max_tokens": STEPS - at, "temperature": 0, "ignore_eos": True,
+    "model": args.upstream_model, "prompt": ids + swift_ids, "max_tokens": STEPS - at, "temperature": 0,
+    "ignore_eos": True,
     "return_token_ids": True, "logprobs": 2, "return_tokens_as_token_ids": True}).json()["choices"][0]
 print("vLLM direct token_ids", ref["token_ids"], "logprob tokens", ref["logprobs"]["tokens"][:3],
       "top", ref["logprobs"]["top_logprobs"][:1])
