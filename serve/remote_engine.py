@@ -208,7 +208,9 @@ class RemoteEngine:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             if handle.cancelled.is_set():
                 return end("cancelled")
-            return end("error", error=f"the super model endpoint failed: {type(exc).__name__}: {exc}", retryable=True)
+            # connection trouble may pass (503, retry); a malformed answer will not (500)
+            return end("error", error=f"the super model endpoint failed: {type(exc).__name__}: {exc}",
+                       retryable=not isinstance(exc, ValueError))
         finally:
             if handle.connection is not None:
                 handle.connection.close()

@@ -271,3 +271,34 @@ def test_native_server_returns_token_ids(servers):
     with httpx.stream("POST", f"{up_url}/v1/completions", json={**request, "stream": True}, timeout=60) as s:
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == want
+
+
+class _TextOnlyRemote(RemoteEngine):
+    """An upstream that answers with text only (no ``return_token_ids``, logprob tokens as text)."""
+
+    def _body(self, prompt_ids: list[int], params: SamplingParams) -> dict:
+        body = super()._body(prompt_ids, params)
+        body.pop("return_token_ids")
+        body.pop("return_tokens_as_token_ids", None)
+        return body
+
+
+def test_text_only_upstream_is_relayed_as_text(servers, token_mode):
+    """The fallback: without token ids, text and usage still match (no stop string across the
+    switch here), and logprobs fail with one line instead of guessed ids."""
+    _, up_url, _, _, tokenizer, swift, super_ = servers
+    _, l_url, local_engine, ids, at = token_mode
+    engine = RoutedEngine(swift, None, tokenizer, local_engine.router.config, max_batch_size=2, max_queue=8,
+                          context_length=CONTEXT, super_engine=_TextOnlyRemote(up_url, max_batch_size=2, max_queue=8))
+    request = {"model": "routed", "prompt": PROMPTS[1], "max_tokens": STEPS, "temperature": 0, "ignore_eos": True}
+    try:
+        with BackgroundServer(create_app(engine, ServerConfig("routed"))) as url:
+            got = httpx.post(f"{url}/v1/completions", json=request, timeout=60).json()
+            want = httpx.post(f"{l_url}/v1/completions", json=request, timeout=60).json()
+            assert got["choices"][0]["text"] == want["choices"][0]["text"] == tokenizer.decode(
+                hf_takeover(swift, super_, ids, at))
+            assert got["usage"] == want["usage"] and got["deferred_tokens"] == STEPS - at
+            r = httpx.post(f"{url}/v1/completions", json={**request, "logprobs": 1}, timeout=60)
+            assert r.status_code == 500 and "by its text" in r.json()["error"]["message"]
+    finally:
+        engine.close()
