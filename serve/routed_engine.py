@@ -186,7 +186,7 @@ class RoutedEngine:
         self.router = Router(config)
         self.tokenizer = tokenizer
         self.counts = {SWIFT: 0, SUPER: 0}  # first decisions (after prefill)
-        self.takeovers = 0  # token mode: requests the super model took over after swift tokens
+        self.takeovers = 0  # token mode: spikes after the first decision (takeovers, or deferred tokens with defer)
         self._lock = threading.Lock()
         self._routes: dict[int, _Route] = {}
         say = progress or (lambda _m: None)
