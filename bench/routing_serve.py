@@ -6,9 +6,11 @@ For each server in turn: start it, wait for /health, one untimed warm-up request
 each level give the fraction of requests (and of generated tokens) the super model answered.
 Stopped before the next one starts, so the servers never share the CPU with each other.
 
-tau: with --tau, that value; otherwise the median swift energy after prefill over serve_load's
-prompts (computed here with the swift model), so about half the requests are deferred
-(``mode: request``; ``--mode token`` serves the same tau per token).
+tau: with --tau, that value; otherwise, ``mode: request``, the median swift energy after prefill over
+serve_load's prompts (computed here with the swift model), so about half the requests are deferred;
+``--mode token``: the --tau-quantile quantile of the swift energies at every step of swift-only greedy
+generation of those prompts (--max-tokens each), so about 1 - q of the swift steps spike. Server
+``routed-defer`` is the routed server with ``on_spike: defer`` (token mode; ``routed``: takeover).
 
     taskset -c 1 python bench/routing_serve.py --swift /tmp/ck/fq-w4-aw --clients 1,4 --duration 20 \\
         --out bench/results/routing_serve.json
@@ -43,16 +45,29 @@ ROUTE_METRICS = {"swift": 'llmcomp_routed_requests_total{model="swift"}',
                  "generated_tokens": "llmcomp_generation_tokens_total"}
 
 
-def prefill_energies(swift: str, prompts: list[str]) -> list[float]:
-    """The swift energy (T = 1) after each prompt's prefill, as the server's first decision sees it."""
+def swift_energies(swift: str, prompts: list[str], steps: int) -> list[list[float]]:
+    """Per prompt, the swift energy (T = 1) before each of ``steps`` greedy tokens (the first is
+    after the prefill, what the server's first decision sees)."""
     import torch
 
     from llmcomp.loading import load_model
     from llmcomp.routing import energy
 
     model, tok = load_model(swift)
+    out = []
     with torch.inference_mode():
-        return [float(energy(model(input_ids=torch.tensor([tok(p).input_ids])).logits[0, -1])) for p in prompts]
+        for prompt in prompts:
+            seq, values = list(tok(prompt).input_ids), []
+            for _ in range(steps):
+                last = model(input_ids=torch.tensor([seq])).logits[0, -1]
+                values.append(float(energy(last)))
+                seq.append(int(last.argmax()))
+            out.append(values)
+    return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[min(998, max(0, round(q * 1000) - 1))]
 
 
 class Server:
@@ -130,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--super", dest="super_", default="smollm2-135m")
     ap.add_argument("--tau", type=float, default=None, help="default: the median prefill energy of the prompts")
     ap.add_argument("--mode", choices=["request", "token"], default="request")
+    ap.add_argument("--tau-quantile", type=float, default=0.9, help="--mode token: tau at this quantile of the "
+                    "per-step swift energies")
     ap.add_argument("--clients", type=serve_load.parse_levels, default=[1, 4])
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -137,27 +154,39 @@ def main(argv: list[str] | None = None) -> int:
                     help="arguments for every `llmcomp serve`")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--servers", default="swift,super,routed",
-                    help="comma list of swift, super, routed, routed-eager (routed with --no-compile)")
+                    help="comma list of swift, super, routed, routed-eager (routed with --no-compile), "
+                    "routed-defer (token mode, on_spike defer)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/routing_serve.json"))
     args = ap.parse_args(argv)
     args.chat, args.temperature, args.ignore_eos, args.api_key, args.model = False, 0.0, True, None, None
     args.warmup = True
 
-    energies = prefill_energies(args.swift, serve_load.PROMPTS)
-    tau = args.tau if args.tau is not None else statistics.median(energies)
+    steps = swift_energies(args.swift, serve_load.PROMPTS, args.max_tokens if args.mode == "token" else 1)
+    energies = [e[0] for e in steps]
+    if args.tau is not None:
+        tau = args.tau
+    elif args.mode == "token":
+        tau = quantile([e for values in steps for e in values], args.tau_quantile)
+    else:
+        tau = statistics.median(energies)
     work = Path(tempfile.mkdtemp(prefix="routing-serve-"))
-    router = work / "router.json"
+    router, defer = work / "router.json", work / "router-defer.json"
     from llmcomp.routing import RouterConfig, save_router
 
     save_router(RouterConfig(tau=tau, mode=args.mode, swift=args.swift, super=args.super_), router)
+    save_router(RouterConfig(tau=tau, mode="token", on_spike="defer", swift=args.swift, super=args.super_), defer)
     common = args.server_args.split() + ([] if args.compile else ["--no-compile"])
     commands = {"swift": [args.swift, *common], "super": [args.super_, *common],
                 "routed": ["--router", str(router), *common],
-                "routed-eager": ["--router", str(router), *args.server_args.split(), "--no-compile"]}
+                "routed-eager": ["--router", str(router), *args.server_args.split(), "--no-compile"],
+                "routed-defer": ["--router", str(defer), *common]}
     argv = sys.argv[1:] if argv is None else argv
     result: dict[str, Any] = {**serve_load.run_meta(args, argv), "command": shlex.join(["python", __file__, *argv]),
-                              "tau": tau, "prefill_energies": energies,
+                              "tau": tau, "mode": args.mode, "prefill_energies": energies,
+                              "step_energies": steps if args.mode == "token" else None,
                               "expected_super_fraction": sum(e > tau for e in energies) / len(energies),
+                              "spiking_step_fraction": (sum(e > tau for v in steps for e in v)
+                                                        / sum(len(v) for v in steps)),
                               "servers": {}}
     for name in args.servers.split(","):
         server = Server(commands[name], work / f"{name}.log")
