@@ -3,6 +3,8 @@ transformers and in the native runtime, chaining with FineQuant."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -128,12 +130,15 @@ def test_vllm_spec_accepts_the_mpo_checkpoint(mpo_ckpt) -> None:
 
 
 def test_balanced_cores_give_the_same_weights_with_other_cores(mpo_ckpt, tiny_llama_dir, tmp_path) -> None:
+    """Float cores are balanced by default (``mpo_ckpt``); ``balance_cores: false`` keeps TT-SVD's."""
     recipe = recipe_from_dict({"passes": [{"type": "tensornet", "ratio": 0.5, "num_cores": 3,
-                                           "dense_first_blocks": 1, "balance_cores": True}]})
+                                           "dense_first_blocks": 1, "balance_cores": False}]})
     out = compress(str(tiny_llama_dir), recipe, tmp_path / "b", progress=False)
-    assert all(m["balanced_cores"] for m in out.report["modules"].values())
-    plain = dict(AutoModelForCausalLM.from_pretrained(mpo_ckpt).named_modules())
-    balanced = {n: m for n, m in AutoModelForCausalLM.from_pretrained(out.output_dir).named_modules()
+    assert not any(m["balanced_cores"] for m in out.report["modules"].values())
+    ckpt_report = json.loads((mpo_ckpt / "llmcomp_report.json").read_text())["modules"]
+    assert ckpt_report and all(m["balanced_cores"] for m in ckpt_report.values())
+    plain = dict(AutoModelForCausalLM.from_pretrained(out.output_dir).named_modules())
+    balanced = {n: m for n, m in AutoModelForCausalLM.from_pretrained(mpo_ckpt).named_modules()
                 if isinstance(m, MPOLinear)}
     assert balanced
     for name, module in balanced.items():

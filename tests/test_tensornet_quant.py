@@ -117,6 +117,7 @@ def test_checkpoint_round_trip_logits_and_runtime(qmpo_ckpt, tiny_llama_dir) -> 
     ckpt = qmpo_ckpt.output_dir
     mods = qmpo_ckpt.report["modules"]
     assert mods and all(m["core_bits"] == 8 and m["rel_error"] >= m["rel_error_float_cores"] for m in mods.values())
+    assert not any(m["balanced_cores"] for m in mods.values())  # balancing is for healable (float) cores
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     buffers = dict(model.named_buffers())
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as fh:
