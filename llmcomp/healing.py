@@ -55,6 +55,7 @@ class HealConfig:
     temperature: float = 1.0
     checkpoint_every: int = 25
     seed: int = 0
+    balance_cores: bool = False  # balance float MPO cores before step 1 (for checkpoints with TT-SVD's cores)
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.num_samples < 1:
@@ -91,6 +92,22 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
                 p.requires_grad_(True)
                 found[f"{mname}.{pname}"] = p
     return found
+
+
+def balance_mpo_cores(model: nn.Module) -> int:
+    """Balance every float-core MPO of ``model`` in place (same product, docs/TENSORNET.md "Core
+    balancing": balanced cores heal faster); returns how many modules."""
+    from llmcomp.modules.mpo_linear import MPOLinear
+    from llmcomp.passes.tensornet import balance_cores
+
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MPOLinear) and module.core_bits is None:
+                for core, balanced in zip(module.cores, balance_cores(module.cores), strict=True):
+                    core.copy_(balanced)
+                count += 1
+    return count
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
@@ -246,6 +263,8 @@ def heal(ckpt: str | Path, teacher: str, output: str | Path, cfg: HealConfig | N
                     p.copy_(state["params"][n])
             optim.load_state_dict(state["optimizer"])
             step, history = state["step"], state["history"]
+    if cfg.balance_cores and step == 0:  # a resumed run restored the (balanced, trained) cores
+        balance_mpo_cores(student)
     student.eval()  # no dropout; gradients still flow
     interrupted = False
     t0 = time.perf_counter()

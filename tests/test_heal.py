@@ -106,3 +106,31 @@ def test_cli_rejects_a_checkpoint_without_factors(tiny_llama_dir, tmp_path) -> N
     res = CliRunner().invoke(app, ["heal", str(tiny_llama_dir), "--teacher", str(tiny_llama_dir),
                                    "-o", str(tmp_path / "h")])
     assert res.exit_code == 2 and "error" in res.output
+
+
+def test_balance_cores_option_balances_tt_svd_cores_before_training(tiny_llama_dir, tmp_path) -> None:
+    """With a negligible learning rate the healed cores are the input's cores, balanced (or untouched without
+    the option); the balanced ones equal ``balance_cores`` of the stored cores and keep the product."""
+    from llmcomp.modules.mpo_linear import mpo_to_matrix
+    from llmcomp.passes.tensornet import balance_cores
+
+    recipe = recipe_from_dict({"passes": [{"type": "tensornet", "ratio": 0.3, "dense_first_blocks": 1,
+                                           "balance_cores": False}]})
+    plain = compress(str(tiny_llama_dir), recipe, tmp_path / "mpo", progress=False).output_dir
+    cfg = HealConfig(steps=1, lr=1e-12, batch_size=2, seq_len=16, num_samples=2, lm_weight=0.0)
+    source = tensors(plain)
+    for balance in (False, True):
+        out = tmp_path / f"h{balance}"
+        heal(plain, str(tiny_llama_dir), out, HealConfig(**{**cfg.__dict__, "balance_cores": balance}), progress=False)
+        got = tensors(out)
+        prefixes = sorted({n.rsplit(".", 1)[0] for n in source if n.endswith(".core_0")})
+        assert prefixes
+        for prefix in prefixes:
+            cores = [source[f"{prefix}.core_{k}"].double() for k in range(2)]
+            want = balance_cores(cores) if balance else cores
+            for k in range(2):
+                torch.testing.assert_close(got[f"{prefix}.core_{k}"].double(), want[k], rtol=0, atol=1e-6)
+            torch.testing.assert_close(mpo_to_matrix([got[f"{prefix}.core_{k}"].double() for k in range(2)]),
+                                       mpo_to_matrix(cores), rtol=0, atol=1e-5)
+        assert all(torch.equal(got[n], source[n]) for n in source if ".core_" not in n)
+    assert not torch.allclose(tensors(tmp_path / "hTrue")[f"{prefixes[0]}.core_0"], source[f"{prefixes[0]}.core_0"])

@@ -28,6 +28,9 @@ def heal(
     calibration_file: Path | None = typer.Option(
         None, help="plain-text training text; default: the offline calibration texts (never the evaluation texts)"),
     seed: int = typer.Option(0, help="seed of the window sampling and order"),
+    balance_cores: bool = typer.Option(
+        False, help="balance the MPO cores first (same product; for checkpoints compressed before the tensornet "
+        "pass balanced float cores by default: balanced cores heal faster)"),
     resume: bool = typer.Option(False, help="continue from OUTPUT.heal (same options); ends bit-identical"),
     overwrite: bool = typer.Option(False, help="replace OUTPUT if it exists (atomically)"),
 ) -> None:
@@ -47,7 +50,7 @@ def heal(
         text = calibration_file.read_text(encoding="utf-8", errors="replace")
     cfg = HealConfig(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, num_samples=samples,
                      kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature,
-                     checkpoint_every=checkpoint_every, seed=seed)
+                     checkpoint_every=checkpoint_every, seed=seed, balance_cores=balance_cores)
     result = run_heal(checkpoint, teacher, output, cfg, calibration=text, resume=resume, overwrite=overwrite)
     first, last = result.history[0] if result.history else None, result.history[-1] if result.history else None
     if result.interrupted:
