@@ -9,17 +9,14 @@ zero points in the same shard; every other tensor is copied unchanged. Written a
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from llmcomp.errors import LlmcompError
-from llmcomp.formats.atomic import AtomicDirectory, write_file_atomic
-from llmcomp.formats.checkpoint import INDEX_FILE, REPORT_FILE, load_tensors, tensor_files_meta, validate_checkpoint
+from llmcomp.formats.checkpoint import load_tensors, validate_checkpoint
+from llmcomp.formats.rewrite import rewrite_checkpoint
 from llmcomp.modules.mpo_linear import CORE_BITS, DEFAULT_CORE_GROUP, MPOLinear, MPOSpec
 from llmcomp.passes import finequant_fit as fit
 from llmcomp.passes.base import weight_error
@@ -70,34 +67,14 @@ def quantize_checkpoint_cores(ckpt: str | Path, output: str | Path, bits: int, g
         report[name] = {"rel_error": weight_error(w, qmod.dequantized_weight(torch.float64)),
                         "bits_per_weight": qmod.storage_bytes * 8 / w.numel()}
 
-    with AtomicDirectory(output, overwrite) as stage:
-        for item in ckpt.iterdir():
-            if item.is_file() and item.name not in info.files and item.name not in ("config.json", INDEX_FILE):
-                shutil.copy2(item, stage.path / item.name)
-        weight_map: dict[str, str] = {}
-        for fname in info.files:
-            kept = [n for n, t in info.tensors.items() if t.file == fname and n not in dropped]
-            tensors = {**load_tensors(info, kept), **replaced.get(fname, {})}
-            save_file(tensors, str(stage.path / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, fname))
-        if (ckpt / INDEX_FILE).is_file():
-            index = json.loads((ckpt / INDEX_FILE).read_text())
-            index["weight_map"] = dict(sorted(weight_map.items()))
-            index.setdefault("metadata", {})["total_size"] = sum((stage.path / f).stat().st_size for f in info.files)
-            (stage.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        config = json.loads((ckpt / "config.json").read_text())
-        qc = config["quantization_config"]
+    def edit(qc: dict[str, Any], full: dict[str, Any]) -> None:
         qc["format_version"] = FORMAT_VERSION  # the specs below are the parsed (upgraded) ones
         qc["modules"] = {n: s.model_dump(mode="json") for n, s in specs.items()}
-        qc["files"] = tensor_files_meta(stage.path, weight_map)
-        report_path = stage.path / REPORT_FILE
-        full = json.loads(report_path.read_text()) if report_path.is_file() else {}
         full["core_quantization"] = {"bits": bits, "group_size": group_size, "symmetric": symmetric,
                                      "fit_iters": fit_iters, "modules": report}
         _update_sizes(full, report, bits, sum(f["bytes"] for f in qc["files"].values()))
-        report_path.write_text(json.dumps(full, indent=2, default=str))
-        write_file_atomic(stage.path / "config.json", json.dumps(config, indent=2))
-        stage.commit()
+
+    rewrite_checkpoint(info, ckpt, output, overwrite, replaced, dropped, edit)
     return report
 
 

@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from llmcomp.calibration import calibration_batches, calibration_text
 from llmcomp.errors import CheckpointError, LlmcompError
-from llmcomp.formats.atomic import AtomicDirectory, write_file_atomic
-from llmcomp.formats.checkpoint import INDEX_FILE, REPORT_FILE, load_tensors, tensor_files_meta, validate_checkpoint
+from llmcomp.formats.checkpoint import validate_checkpoint
+from llmcomp.formats.rewrite import rewrite_checkpoint
 
 HEALABLE_KINDS = ("mpo", "low_rank")
 STATE_SUFFIX = ".heal"
@@ -202,29 +201,16 @@ def write_healed(ckpt: Path, output: Path, params: dict[str, nn.Parameter], meta
     """Copy ``ckpt`` to ``output`` with the trained tensors replaced (same names, shapes, dtypes and
     shard layout), fresh file hashes in config.json, and a ``healing`` entry in the report."""
     info = validate_checkpoint(ckpt, verify_hashes=False)
-    with AtomicDirectory(output, overwrite) as stage:
-        for item in ckpt.iterdir():
-            if item.is_file() and item.name not in info.files and item.name not in ("config.json", INDEX_FILE):
-                shutil.copy2(item, stage.path / item.name)
-        weight_map: dict[str, str] = {}
-        for fname in info.files:
-            names = [n for n, t in info.tensors.items() if t.file == fname]
-            tensors = load_tensors(info, names)
-            for n in names:
-                if n in params:
-                    tensors[n] = params[n].detach().to(tensors[n].dtype).contiguous()
-            save_file(tensors, str(stage.path / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(names, fname))
-        if (ckpt / INDEX_FILE).is_file():
-            shutil.copy2(ckpt / INDEX_FILE, stage.path / INDEX_FILE)
-        config = json.loads((ckpt / "config.json").read_text())
-        config["quantization_config"]["files"] = tensor_files_meta(stage.path, weight_map)
-        report_path = stage.path / REPORT_FILE
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    replaced: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in params.items():
+        if name in info.tensors:
+            stored = info.tensors[name]
+            replaced.setdefault(stored.file, {})[name] = param.detach().to(stored.dtype).contiguous()
+
+    def edit(qc: dict[str, Any], report: dict[str, Any]) -> None:
         report["healing"] = meta
-        report_path.write_text(json.dumps(report, indent=2, default=str))
-        write_file_atomic(stage.path / "config.json", json.dumps(config, indent=2))
-        stage.commit()
+
+    rewrite_checkpoint(info, ckpt, output, overwrite, replaced, edit=edit)
 
 
 def heal(ckpt: str | Path, teacher: str, output: str | Path, cfg: HealConfig | None = None,
