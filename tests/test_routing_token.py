@@ -230,12 +230,10 @@ def test_server_response_stream_and_metrics_name_the_models(served):
     assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
 
 
-def test_server_cancel_after_takeover_frees_both_engines(served):
-    _, engine, tok, prompts, refs, tau = served
-    i = next(k for k, (t, s) in enumerate(refs) if 0 < s < len(t))
-    engine.update_router(tau=tau)
+def cancel_while_on_super(engine, prompt: list[int]) -> None:
+    """Cancel a request as soon as the super model answers it: it ends cancelled, both engines free."""
     events: queue.Queue = queue.Queue()
-    handle = engine.submit(prompts[i], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), events.put)
+    handle = engine.submit(prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), events.put)
     while (ev := events.get(timeout=60)).routed_to != "super":
         assert not ev.finished
     handle.cancel()
@@ -243,6 +241,13 @@ def test_server_cancel_after_takeover_frees_both_engines(served):
         ev = events.get(timeout=60)
     assert ev.finish_reason == "cancelled" and ev.completion_tokens < 40
     settle(engine)
+
+
+def test_server_cancel_after_takeover_frees_both_engines(served):
+    _, engine, tok, prompts, refs, tau = served
+    i = next(k for k, (t, s) in enumerate(refs) if 0 < s < len(t))
+    engine.update_router(tau=tau)
+    cancel_while_on_super(engine, prompts[i])
 
 
 # -- server: mode token, on_spike defer ------------------------------------------------------------
@@ -304,12 +309,4 @@ def test_server_per_token_deferral_response_and_cancel(deferring):
     routes = [c["choices"][0]["routed_to"] for c in chunks]
     assert "super" in routes and routes[routes.index("super"):].count("swift") > 0  # back to swift after super
     assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
-    events: queue.Queue = queue.Queue()
-    handle = engine.submit(prompts[i], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), events.put)
-    while (ev := events.get(timeout=60)).routed_to != "super":
-        assert not ev.finished
-    handle.cancel()
-    while not ev.finished:
-        ev = events.get(timeout=60)
-    assert ev.finish_reason == "cancelled" and ev.completion_tokens < 40
-    settle(engine)
+    cancel_while_on_super(engine, prompts[i])
