@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--servers", default="swift,super,routed",
                     help="comma list of swift, super, routed, routed-eager (routed with --no-compile), "
-                    "routed-defer (token mode, on_spike defer)")
+                    "routed-defer (token mode, on_spike defer), routed-defer-reprefill (the same without parked "
+                    "KV slots)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/routing_serve.json"))
     args = ap.parse_args(argv)
     args.chat, args.temperature, args.ignore_eos, args.api_key, args.model = False, 0.0, True, None, None
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"swift": [args.swift, *common], "super": [args.super_, *common],
                 "routed": ["--router", str(router), *common],
                 "routed-eager": ["--router", str(router), *args.server_args.split(), "--no-compile"],
-                "routed-defer": ["--router", str(defer), *common]}
+                "routed-defer": ["--router", str(defer), *common],
+                "routed-defer-reprefill": ["--router", str(defer), "--park-slots", "0", *common]}
     argv = sys.argv[1:] if argv is None else argv
     result: dict[str, Any] = {**serve_load.run_meta(args, argv), "command": shlex.join(["python", __file__, *argv]),
                               "tau": tau, "mode": args.mode, "prefill_energies": energies,

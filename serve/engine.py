@@ -80,6 +80,7 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens already in the KV cache
     cancelled: bool = False
     done: bool = False
+    park_key: int | None = None  # routing: where this engine parks its cache when the sequence leaves
 
 
 class RequestHandle:
@@ -121,7 +122,9 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         progress: Callable[[str], None] | None = None,
         compile_backend: str = "inductor",
+        spare_slots: int = 0,
     ) -> None:
+        """``spare_slots``: KV slots past the batch, for subclasses that park sequences' caches."""
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
         self.model = model
@@ -129,7 +132,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.runner = ModelRunner(model, max_batch_size, context_length or default_max_model_len(model),
-                                  compile=compile, compile_backend=compile_backend, prefill_chunk=prefill_chunk)
+                                  compile=compile, compile_backend=compile_backend, prefill_chunk=prefill_chunk,
+                                  spare_slots=spare_slots)
         self.context_length = self.runner.max_len
         if progress is not None:
             progress(f"runtime: {self.runner.backend} forward, KV cache {max_batch_size} slots x "
@@ -142,6 +146,8 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []  # taken from _waiting, prompts (partly) in the next slots
         self._active: list[_Sequence] = []  # index == KV slot
+        self._calls: list[Callable[[], None]] = []  # to run on the engine thread (call_soon)
+        self.prefilled_tokens = 0  # prompt tokens put into the cache (for benchmarks and tests)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llmcomp-engine", daemon=True)
         self._thread.start()
@@ -208,6 +214,12 @@ class Engine:
                     raise RuntimeError(ev.error)
                 return Completion("".join(text), ids, ev.finish_reason, lps, ev.prompt_tokens)
 
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the engine thread before its next step (the runner has one owner thread)."""
+        with self._cond:
+            self._calls.append(fn)
+            self._cond.notify()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -223,11 +235,15 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._active and not self._prefilling:
+                    while (not self._closed and not self._waiting and not self._active and not self._prefilling
+                           and not self._calls):
                         self._cond.wait()
                     if self._closed:
                         break
+                    calls, self._calls = self._calls, []
                 try:
+                    for fn in calls:
+                        fn()
                     self._drop_cancelled()
                     self._step()
                 except Exception as exc:  # keep serving: fail what was in flight, reset the slots
@@ -256,6 +272,7 @@ class Engine:
                 continue
             if seq.prefilled == 0:
                 self.runner.free(len(self._active) + index)
+                self._resume(seq, len(self._active) + index)
             chunk = seq.prompt_ids[seq.prefilled:seq.prefilled + budget]
             parts.append((seq, chunk))
             budget -= len(chunk)
@@ -274,6 +291,7 @@ class Engine:
             [s.output_ids[-1] for s in self._active], [(first + i, chunk) for i, (_, chunk) in enumerate(parts)])
         for seq, chunk in parts:
             seq.prefilled += len(chunk)
+            self.prefilled_tokens += len(chunk)
         if self._active:
             self._consume_decode(logits)  # may free slots: the prompts being prefilled follow them down
         for (seq, _), last in zip(parts, lasts, strict=True):
@@ -286,6 +304,9 @@ class Engine:
             else:
                 self._prefilling.pop(0)
                 self._active.append(seq)  # its slot is len(active): the first after the live ones
+
+    def _resume(self, seq: _Sequence, slot: int) -> None:
+        """Hook: put a cache this engine kept for ``seq`` into ``slot`` and set ``seq.prefilled``."""
 
     def _drop_prefilling(self, index: int) -> None:
         """Remove a prefilling sequence; the ones after it move down one slot (those with data)."""
@@ -362,7 +383,7 @@ class Engine:
             if not seq.done:
                 self._finish(seq, "", [], [], "error", error=message)
         self._active, self._prefilling = [], []
-        for slot in range(self.max_batch_size):
+        for slot in range(self.runner.num_slots):
             self.runner.free(slot)
 
 

@@ -85,30 +85,59 @@ class _Route:
         self.prompt_tokens = prompt_tokens  # the client's; a later leg's "prompt" includes generated tokens
         self.earlier = 0  # tokens generated before the current leg (a leg: one stay in one engine)
         self.forget: Callable[[], None] | None = None  # drops the route when the swift part ends
+        self.key: int | None = None  # parked caches are kept under this key (on_spike: defer)
+        self.release: Callable[[], None] | None = None  # frees those caches when the request ends
 
     def swift_event(self, ev: RequestOutput) -> None:
         if ev.finished and self.forget is not None:
             self.forget()  # finished, cancelled or failed on the swift engine
+        self._ended(ev)
         self.sink(with_route(ev, SWIFT, self.decision, self.prompt_tokens, self.earlier))
 
     def super_event(self, ev: RequestOutput) -> None:
+        self._ended(ev)
         self.sink(with_route(ev, SUPER, self.decision, self.prompt_tokens, self.earlier))
+
+    def _ended(self, ev: RequestOutput) -> None:
+        if ev.finished and self.release is not None:
+            self.release()
+
+
+@dataclass
+class _Parked:
+    """A sequence's cache kept in a spare slot while the other engine extends the sequence."""
+
+    slot: int
+    tokens: list[int]  # the ids whose keys and values the slot holds
 
 
 class _Continuing(_Engine):
     """An engine that can continue a sequence the other engine started, for good or (``back``)
-    for one token, after which ``back(sequence)`` hands it on."""
+    for one token, after which ``back(sequence)`` hands it on.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Parking (``park_slots`` > 0, used by ``on_spike: defer``): a sequence that leaves with a
+    ``park_key`` has its cache moved into a spare slot; when it comes back (``submit_takeover`` with
+    the same key) the cache is moved into its new slot and only the tokens added elsewhere are
+    prefilled. Without a free spare slot, or if the ids no longer extend the parked ones, the
+    sequence is prefilled whole, as without parking. Parked caches are released by :meth:`unpark`
+    (any thread; done on the engine thread)."""
+
+    def __init__(self, *args: Any, park_slots: int = 0, **kwargs: Any) -> None:
         self._back: dict[int, Callable[[Any], None]] = {}  # sequence id -> hand-back, for one-token visits
-        super().__init__(*args, **kwargs)
+        self._parked: dict[int, _Parked] = {}  # park key -> cache; engine thread only
+        self._spare: list[int] = []  # free spare slots (set once the runner exists)
+        self.parked_prefill_saved = 0  # tokens not prefilled again thanks to parked caches
+        super().__init__(*args, spare_slots=park_slots, **kwargs)
+        self._spare = list(range(self.max_batch_size, self.runner.num_slots))
 
     def submit_takeover(self, ids: list[int], params: SamplingParams, sink: Sink, detok: Any,
-                        generator: torch.Generator, back: Callable[[Any], None] | None = None) -> RequestHandle:
-        """Continue a sequence: ``ids`` = prompt + tokens so far (prefilled in chunks), its
-        detokenizer and generator carry on. Admitted past the queue bound and ahead of the waiting
-        requests: its client is already being answered."""
-        seq = _Sequence(next(self._ids), list(ids), params, sink, detok, generator)
+                        generator: torch.Generator, back: Callable[[Any], None] | None = None,
+                        park_key: int | None = None) -> RequestHandle:
+        """Continue a sequence: ``ids`` = prompt + tokens so far (prefilled in chunks, or only the
+        new ones after a cache parked under ``park_key``), its detokenizer and generator carry on.
+        Admitted past the queue bound and ahead of the waiting requests: its client is already
+        being answered."""
+        seq = _Sequence(next(self._ids), list(ids), params, sink, detok, generator, park_key=park_key)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("engine is shut down")
@@ -117,6 +146,50 @@ class _Continuing(_Engine):
             self._waiting.appendleft(seq)
             self._cond.notify()
         return RequestHandle(seq, self)
+
+    def unpark(self, key: int) -> None:
+        """Release the cache parked under ``key``, if any (the request ended)."""
+        self.call_soon(lambda: self._release_parked(key))
+
+    @property
+    def num_parked(self) -> int:
+        return len(self._parked)
+
+    def _park(self, seq: Any) -> None:
+        """Keep the cache of ``seq`` (leaving this engine now) in a spare slot, when one is free."""
+        slot = next((i for i, s in enumerate(self._active) if s is seq), None)
+        if slot is None and self._prefilling and self._prefilling[0] is seq:
+            slot = len(self._active)  # it leaves right after its prefill
+        if slot is None or seq.park_key is None or not self._spare:
+            return
+        self._release_parked(seq.park_key)
+        spare = self._spare.pop()
+        length = self.runner.lengths[slot]
+        self.runner.move(slot, spare)
+        self._parked[seq.park_key] = _Parked(spare, (seq.prompt_ids + seq.output_ids)[:length])
+
+    def _resume(self, seq: Any, slot: int) -> None:
+        parked = self._parked.pop(seq.park_key, None) if seq.park_key is not None else None
+        if parked is None:
+            return
+        n = len(parked.tokens)
+        if n < len(seq.prompt_ids) and seq.prompt_ids[:n] == parked.tokens:
+            self.runner.move(parked.slot, slot)
+            seq.prefilled = n
+            self.parked_prefill_saved += n
+        self.runner.free(parked.slot)
+        self._spare.append(parked.slot)
+
+    def _release_parked(self, key: int) -> None:
+        parked = self._parked.pop(key, None)
+        if parked is not None:
+            self.runner.free(parked.slot)
+            self._spare.append(parked.slot)
+
+    def _fail_all(self, message: str, extra: list[Any] | None = None) -> None:
+        super()._fail_all(message, extra)  # frees every slot, the spare ones too
+        self._parked.clear()
+        self._spare = list(range(self.max_batch_size, self.runner.num_slots))
 
 
 class _SwiftEngine(_Continuing):
@@ -130,6 +203,7 @@ class _SwiftEngine(_Continuing):
     def _append_token(self, seq: Any, logits: torch.Tensor, token: int) -> bool:
         if self._on_token(seq, logits):
             seq.done = True  # handed to the super engine: leaves this batch without an event
+            self._park(seq)
             return True
         return super()._append_token(seq, logits, token)
 
@@ -143,6 +217,7 @@ class _SuperEngine(_Continuing):
         if finished or back is None:
             return finished
         seq.done = True  # a one-token visit: its token was emitted, it leaves this batch
+        self._park(seq)
         back(seq)
         return True
 
@@ -172,9 +247,12 @@ class RoutedEngine:
     def __init__(self, swift_model: Any, super_model: Any, tokenizer: Any, config: RouterConfig,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
                  context_length: int | None = None, compile: bool = False,
-                 progress: Callable[[str], None] | None = None, super_engine: Any = None) -> None:
+                 progress: Callable[[str], None] | None = None, super_engine: Any = None,
+                 park_slots: int | None = None) -> None:
         """``super_engine`` (e.g. a :class:`~llmcomp.serve.remote_engine.RemoteEngine`) replaces
-        a local engine for ``super_model`` (then None); it needs ``submit`` and ``submit_takeover``."""
+        a local engine for ``super_model`` (then None); it needs ``submit`` and ``submit_takeover``.
+        ``park_slots``: spare KV slots per engine for ``on_spike: defer`` (default: one per batch
+        slot; 0 re-prefills every deferred token's sequence whole)."""
         if config.energy_over != "vocab":
             raise ValueError("a served router takes the energy over the vocabulary (energy_over: vocab); "
                              "'choices' exists only for scoring tasks")
@@ -185,6 +263,9 @@ class RoutedEngine:
             raise ValueError("the swift and super models have different vocabularies")
         self.router = Router(config)
         self.tokenizer = tokenizer
+        self._defer = config.mode == "token" and config.on_spike == "defer"
+        if park_slots is None:
+            park_slots = max_batch_size if self._defer else 0
         self.counts = {SWIFT: 0, SUPER: 0}  # first decisions (after prefill)
         self.takeovers = 0  # token mode: spikes after the first decision (takeovers, or deferred tokens with defer)
         self._lock = threading.Lock()
@@ -192,10 +273,10 @@ class RoutedEngine:
         say = progress or (lambda _m: None)
         say("super model engine")
         self.super = super_engine or _SuperEngine(super_model, tokenizer, max_batch_size, max_queue, context_length,
-                                                  compile=compile, progress=progress)
+                                                  compile=compile, progress=progress, park_slots=park_slots)
         say("swift model engine")
         self.swift = _SwiftEngine(swift_model, tokenizer, max_batch_size, max_queue, context_length,
-                                  compile=compile, progress=progress, on_token=self._decide)
+                                  compile=compile, progress=progress, on_token=self._decide, park_slots=park_slots)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.context_length = min(self.swift.context_length, self.super.context_length)
         self.eos_ids = self.swift.eos_ids
@@ -234,6 +315,9 @@ class RoutedEngine:
                 route.swift_handle = handle
                 route.forget = lambda key=handle.id: self._forget(key)
                 self._routes[handle.id] = route
+                if self._defer:
+                    route.key = handle.id
+                    route.release = lambda key=handle.id: self._unpark(key)
         return [RoutedHandle(r) for r in routes]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> Any:
@@ -268,6 +352,8 @@ class RoutedEngine:
             route.forget = None
             self.takeovers += not first
         defer = config.mode == "token" and config.on_spike == "defer"
+        if defer:
+            seq.park_key = route.key  # the swift engine keeps its cache while the super model adds a token
         try:
             if first and not defer:  # the whole request: as if it had been sent to the super model
                 route.super_handle = self.super.submit(seq.prompt_ids, seq.params, route.super_event)
@@ -275,7 +361,7 @@ class RoutedEngine:
                 route.earlier += len(seq.output_ids)
                 params = dataclasses.replace(seq.params, max_tokens=seq.params.max_tokens - len(seq.output_ids))
                 back = (lambda visit, r=route: self._back_to_swift(r, visit)) if defer else None
-                extra = {"back": back} if defer else {}
+                extra = {"back": back, "park_key": route.key} if defer else {}
                 route.super_handle = self.super.submit_takeover(seq.prompt_ids + seq.output_ids, params,
                                                                 route.super_event, seq.detok, seq.generator, **extra)
         except (QueueFullError, EngineClosedError) as exc:
@@ -294,7 +380,7 @@ class RoutedEngine:
         try:
             with self._lock:  # registered before _decide (swift engine thread) can look for it
                 handle = self.swift.submit_takeover(visit.prompt_ids + visit.output_ids, params, route.swift_event,
-                                                    visit.detok, visit.generator)
+                                                    visit.detok, visit.generator, park_key=route.key)
                 route.swift_handle = handle
                 route.forget = lambda key=handle.id: self._forget(key)
                 self._routes[handle.id] = route
@@ -309,11 +395,16 @@ class RoutedEngine:
         with self._lock:
             self._routes.pop(seq_id, None)
 
+    def _unpark(self, key: int) -> None:
+        """The request ended: neither engine needs the cache it may have parked for it."""
+        self.swift.unpark(key)
+        self.super.unpark(key)
+
 
 def build_routed_engine(swift: str, super_: str | None, config: RouterConfig, dtype: str, max_batch_size: int,
                         max_queue: int, max_model_len: int | None, compile: bool,
                         progress: Callable[[str], None] | None = None, super_url: str | None = None,
-                        super_api_key: str | None = None) -> RoutedEngine:
+                        super_api_key: str | None = None, park_slots: int | None = None) -> RoutedEngine:
     """Load both models (same tokenizer: the swift one's), or the swift one and connect to the
     super model's OpenAI-compatible endpoint ``super_url``, and build the routed engine."""
     from llmcomp.loading import load_model
@@ -327,11 +418,11 @@ def build_routed_engine(swift: str, super_: str | None, config: RouterConfig, dt
                             compile=compile, progress=progress, super_engine=remote)
     super_model, _ = load_model(super_, dtype=dtype)
     return RoutedEngine(swift_model, super_model, tokenizer, config, max_batch_size, max_queue, max_model_len,
-                        compile=compile, progress=progress)
+                        compile=compile, progress=progress, park_slots=park_slots)
 
 
 def build_routed_native(swift: str, super_: str | None, config: RouterConfig, options: Any,
-                        super_url: str | None = None) -> tuple[Any, Any]:
+                        super_url: str | None = None, park_slots: int | None = None) -> tuple[Any, Any]:
     """``(app, engine)`` for ``llmcomp serve --swift A --super B --router R``: both models in one
     supervised worker process (:mod:`llmcomp.serve.worker`), one OpenAI endpoint in front; with
     ``super_url`` the worker relays deferred requests to that endpoint instead of loading B."""
@@ -346,18 +437,19 @@ def build_routed_native(swift: str, super_: str | None, config: RouterConfig, op
     config = config.model_copy(update={"swift": config.swift or swift, "super": config.super or super_ or super_url})
     spec = WorkerSpec(swift_source.location, options.dtype, options.threads or default_threads(),
                       options.max_batch_size, options.max_queue, options.max_model_len, options.compile,
-                      super_model=super_location, router=config.model_dump_json(), super_url=super_url)
+                      super_model=super_location, router=config.model_dump_json(), super_url=super_url,
+                      park_slots=park_slots)
     engine = EngineWorker(spec, load_tokenizer(swift_source))
     app = create_app(engine, ServerConfig(model_name=options.served_model_name or "routed", api_key=options.api_key))
     return app, engine
 
 
 def run_routed_native(swift: str, super_: str | None, config: RouterConfig, options: Any,
-                      super_url: str | None = None) -> None:
+                      super_url: str | None = None, park_slots: int | None = None) -> None:
     """Serve until interrupted, then stop the worker (as :func:`llmcomp.serve.server.run_native`)."""
     import uvicorn
 
-    app, engine = build_routed_native(swift, super_, config, options, super_url)
+    app, engine = build_routed_native(swift, super_, config, options, super_url, park_slots)
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
     finally:

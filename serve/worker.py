@@ -72,6 +72,7 @@ class WorkerSpec:
     super_model: str | None = None  # routed serving: ``model`` is the swift model, this the super one
     router: str | None = None  # routed serving: router.json text (llmcomp.routing.RouterConfig)
     super_url: str | None = None  # routed serving: the super model's OpenAI endpoint instead of super_model
+    park_slots: int | None = None  # routed serving, on_spike defer: spare KV slots per engine (None: default)
 
 
 def exit_cause(exitcode: int | None) -> str:
@@ -128,7 +129,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
             router = RouterConfig.model_validate_json(spec.router or "")
             engine = build_routed_engine(spec.model, spec.super_model, router, spec.dtype, spec.max_batch_size,
                                          spec.max_queue, spec.max_model_len, spec.compile,
-                                         progress=lambda line: send(("progress", line)), super_url=spec.super_url)
+                                         progress=lambda line: send(("progress", line)), super_url=spec.super_url,
+                                         park_slots=spec.park_slots)
             model = engine.swift.model
         else:
             model, tokenizer = load_model(spec.model, dtype=spec.dtype)

@@ -310,3 +310,36 @@ def test_server_per_token_deferral_response_and_cancel(deferring):
     assert "super" in routes and routes[routes.index("super"):].count("swift") > 0  # back to swift after super
     assert "".join(c["choices"][0]["text"] for c in chunks) == body["choices"][0]["text"]
     cancel_while_on_super(engine, prompts[i])
+
+
+@pytest.mark.parametrize("park", [True, False], ids=["parked", "re-prefilled"])
+def test_server_deferral_prefills_only_what_each_engine_has_not_seen(pair, deferring, park):
+    """With parked caches a returning sequence prefills only the tokens the other engine added;
+    without them (park_slots=0) every leg prefills the whole sequence. Counted exactly, one
+    request at a time, with the answers still equal to the reference."""
+    swift, super_, tok = pair
+    _, shared, prompts, refs, tau = deferring
+    engine = shared if park else RoutedEngine(swift, super_, tok, RouterConfig(tau=tau, mode="token", on_spike="defer"),
+                                              max_batch_size=4, max_queue=16, context_length=64, park_slots=0)
+    assert any(sum(b) >= 2 for _, b in refs), "some answer should visit the super model twice"
+    try:
+        settle(engine)
+        for prompt, (tokens, by_super) in zip(prompts, refs, strict=True):
+            before = (engine.swift.prefilled_tokens, engine.super.prefilled_tokens)
+            assert [t for ev in drain(collect(engine, prompt)) for t in ev.token_ids] == tokens
+            p = len(prompt)
+            visits = [j for j, s in enumerate(by_super) if s]  # super tokens, by position in the answer
+            returns = [j for j in visits if j < len(tokens) - 1]  # after these the swift model goes on
+            if park:
+                want = (p + len(returns), p + visits[-1] if visits else 0)
+            else:
+                want = (p + sum(p + j + 1 for j in returns), sum(p + j for j in visits))
+            assert (engine.swift.prefilled_tokens - before[0], engine.super.prefilled_tokens - before[1]) == want
+        deadline = time.monotonic() + 10  # parked caches are released on the engine threads
+        while (engine.swift.num_parked or engine.super.num_parked) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.swift.num_parked == engine.super.num_parked == 0
+        assert (engine.swift.parked_prefill_saved > 0) == park
+    finally:
+        if not park:
+            engine.close()

@@ -48,6 +48,10 @@ def serve(
     super_url: str | None = typer.Option(None, help="routed serving: the super model is this OpenAI-compatible "
                                          "endpoint (llmcomp serve, --engine vllm, stock vLLM; same tokenizer) "
                                          "instead of --super; key from $LLMCOMP_SUPER_API_KEY"),
+    park_slots: int | None = typer.Option(
+        None, min=0, help="routed serving with on_spike 'defer': spare KV slots per engine that keep a sequence's "
+                          "cache while the other model adds a token, so only new tokens are prefilled (default: "
+                          "--max-batch-size; each slot costs one sequence's KV memory; 0 re-prefills)"),
     activation_sparsity: float | None = typer.Option(
         None, help="native: drop this fraction of each linear's inputs per token (TEAL/WINA); batch-1 decode "
                    "reads only the kept weight columns"),
@@ -78,7 +82,7 @@ def serve(
     if router is not None or swift is not None or super_ is not None or super_url is not None:
         _serve_routed(model, swift, super_, router, engine, _native_options(
             host, port, api_key, max_batch_size, max_queue, dtype, served_model_name, max_model_len, threads,
-            compile_step), super_url)
+            compile_step), super_url, park_slots)
         return
     if model is None:
         raise LlmcompError("give MODEL, or --router (with --swift/--super) for routed serving")
@@ -127,7 +131,8 @@ def _has_activation_sparse_modules(model: str | None) -> bool:
 
 
 def _serve_routed(model: str | None, swift: str | None, super_: str | None, router: Path | None,
-                  engine: EngineChoice, options: Any, super_url: str | None = None) -> None:
+                  engine: EngineChoice, options: Any, super_url: str | None = None,
+                  park_slots: int | None = None) -> None:
     """``--swift A --super B --router R``: both models behind one native endpoint."""
     from llmcomp.routing import load_router
     from llmcomp.serve.routed_engine import run_routed_native
@@ -148,7 +153,9 @@ def _serve_routed(model: str | None, swift: str | None, super_: str | None, rout
     swift, super_ = swift or config.swift, super_ or (None if super_url else config.super)
     if swift is None or (super_ is None and super_url is None):
         raise LlmcompError("routed serving needs --swift and --super or --super-url (or router.json naming them)")
-    run_routed_native(swift, super_, config, options, super_url)
+    if park_slots is not None and not (config.mode == "token" and config.on_spike == "defer"):
+        raise LlmcompError("--park-slots applies to routers with mode 'token' and on_spike 'defer'")
+    run_routed_native(swift, super_, config, options, super_url, park_slots)
 
 
 def _check_for_vllm(config_path: Path) -> None:

@@ -83,11 +83,16 @@ class ModelRunner:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         lean: bool = True,
         buckets: list[int] | None = None,
+        spare_slots: int = 0,
     ) -> None:
+        """``spare_slots`` are KV slots past the batch (``max_batch_size..``): never decoded, only
+        moved into and out of, e.g. to park a sequence's cache while another engine extends it."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if spare_slots < 0:
+            raise ValueError(f"spare_slots must be at least 0, got {spare_slots}")
         limit = context_length(model)
         self.max_len = min(max_model_len or limit, limit)
         self.model = model
@@ -100,7 +105,8 @@ class ModelRunner:
         self._warm: set[int] = set()
         self._prepared = False  # whether one eager step has run (kernel state built) before compiling
         self.prefill_chunk = prefill_chunk
-        self.lengths = [0] * max_batch_size  # filled positions per slot
+        self.num_slots = max_batch_size + spare_slots
+        self.lengths = [0] * self.num_slots  # filled positions per slot
         self.vocab_size = int(model.config.vocab_size)
         reason = unsupported_reason(model, self.max_len) if lean else "lean forward disabled"
         self.cache: SlotKVCache | None = None
@@ -110,7 +116,7 @@ class ModelRunner:
             # One spare position past max_len: pad rows write there, and the attended prefix
             # [:L] (L <= max_len) is never the whole dimension, so one dynamic-length graph covers all L.
             self.cache = SlotKVCache(
-                config.num_hidden_layers, max_batch_size, getattr(config, "num_key_value_heads", None) or heads,
+                config.num_hidden_layers, self.num_slots, getattr(config, "num_key_value_heads", None) or heads,
                 getattr(config, "head_dim", None) or config.hidden_size // heads, self.max_len + 1, self.dtype,
                 self.device,
             )
@@ -118,7 +124,7 @@ class ModelRunner:
             self.backend = "lean"
         else:
             log.info("runtime: HF fallback forward (%s)", reason)
-            self.forward = HFForward(model, max_batch_size, self.pad_position)
+            self.forward = HFForward(model, self.num_slots, self.pad_position)
             self.backend = f"hf ({reason})"
         self.compiled = compile and self.backend == "lean"
         self._decode_fn: Callable[..., torch.Tensor] = self._decode_eager
