@@ -33,7 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_data import write_task_data  # noqa: E402
 
 from llmcomp.hostinfo import cpu_summary  # noqa: E402
-from llmcomp.route_calibrate import Example, pick_point, routing_curve, split_spec, task_samples  # noqa: E402
+from llmcomp.route_calibrate import (  # noqa: E402
+    TOKEN_BLOCK,
+    Example,
+    lower_gaps,
+    pick_point,
+    pick_within,
+    routing_curve,
+    split_spec,
+    task_samples,
+)
 from llmcomp.routing import RouterConfig, routing_energy  # noqa: E402
 
 VARIANTS = {  # name -> router settings (the paper's energy first)
@@ -47,6 +56,7 @@ GLUE_VARIANTS = ("energy T=1", "energy choices T=1", "normalized T=0.5", "normal
 TOKEN_VARIANTS = ("energy T=1", "energy T=2", "normalized T=0.5", "normalized T=0.25")
 FRACTIONS = (0.1, 0.25, 0.5, 0.75)
 MAX_DROP = 0.01  # "within 1 point of super"
+CONFIDENCE = 0.95  # llmcomp route calibrate's default confidence for that target
 WINDOW = 512
 SERVE_MAX_TOKENS = 16
 SERVE_TARGET = "fraction<=0.5"
@@ -58,6 +68,9 @@ def operating_points(calib: list[Example], report: list[Example]) -> list[dict[s
     curve = routing_curve(calib)
     targets: list[tuple[str, Any]] = [(f"fraction<={f}", pick_point(curve, super_fraction=f)) for f in FRACTIONS]
     targets.append((f"super-{MAX_DROP}", pick_point(curve, acc=curve[-1].acc - MAX_DROP)))
+    block = TOKEN_BLOCK if calib[0].swift_nll is not None else 1  # next-token positions vs documents
+    lower = lower_gaps(calib, CONFIDENCE, block)
+    targets.append((f"super-{MAX_DROP} @{CONFIDENCE:g}", pick_within(curve, len(calib), MAX_DROP, lower)))
     n = len(report)
     swift = sum(e.swift_correct for e in report) / n
     super_ = sum(e.super_correct for e in report) / n

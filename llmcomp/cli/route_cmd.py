@@ -10,6 +10,7 @@ from llmcomp.cli.common import console, user_errors
 from llmcomp.errors import LlmcompError
 
 DEFAULT_MAX_DROP = 0.01  # the "Done" target: within 1 accuracy point of the super model
+DEFAULT_CONFIDENCE = 0.95  # ... at the 5% quantile of a bootstrap of the calibration data
 DEFAULT_SLOTS = 16  # llmcomp.eval.harness.DEFAULT_SLOTS (not imported: it pulls in torch)
 
 NEXT_TOKEN_TASK = "offline"
@@ -37,6 +38,10 @@ def calibrate(
     target_acc: float | None = typer.Option(None, help="tau for the fewest super calls reaching this accuracy"),
     max_drop: float = typer.Option(DEFAULT_MAX_DROP, help="without a target: the fewest super calls within this "
                                                           "much of the super model's accuracy"),
+    confidence: float = typer.Option(DEFAULT_CONFIDENCE, min=0.0, max=0.99,
+                                     help="with --max-drop: the drop must hold at this confidence under a block "
+                                          "bootstrap of the calibration data, so tau carries over to new data (0: the "
+                                          "curve's point estimate)"),
     temperature: float = typer.Option(1.0, "--temperature", "-T", help="energy temperature T"),
     energy_over: str = typer.Option("vocab", help="vocab (the whole next-token distribution) or choices (the "
                                                   "answer choices' first tokens)"),
@@ -54,9 +59,9 @@ def calibrate(
     from llmcomp.eval.tasks import parse_tasks
     from llmcomp.loading import load_model, resolve_source
     from llmcomp.route_calibrate import (
+        TOKEN_BLOCK,
         calibrated_router,
         collect_examples,
-        routing_curve,
         split_spec,
         token_examples,
     )
@@ -95,9 +100,9 @@ def calibrate(
     else:
         examples = collect_examples(swift_model, super_model, tokenizer, base, specs, data_dir, limit, slots,
                                     progress)
-    if target_fraction is None and target_acc is None:
-        target_acc = routing_curve(examples)[-1].acc - max_drop
-    config = calibrated_router(examples, base, names, split, target_fraction, target_acc)
+    drop = max_drop if target_fraction is None and target_acc is None else None
+    config = calibrated_router(examples, base, names, split, target_fraction, target_acc, drop,
+                               confidence if drop is not None else None, TOKEN_BLOCK if next_token else 1)
     save_router(config, output)
     cal = config.calibration
     assert cal is not None
