@@ -29,7 +29,9 @@ ROUTER_FORMAT = "llmcomp-router"
 ROUTER_VERSION = 1
 SWIFT, SUPER = "swift", "super"
 Mode = Literal["request", "token"]  # request: one decision per input (after prefill); token: per step
-OnSpike = Literal["takeover", "defer"]  # token mode: the super model makes the rest, or that one token
+OnSpike = Literal["takeover", "defer", "verify"]  # token mode: the super model makes the rest, that one token,
+# or checks the last `window` swift tokens and makes the next one (swift tokens are held back until checked)
+DEFAULT_WINDOW = 4
 EnergyOver = Literal["vocab", "choices"]  # the whole vocabulary, or the answer choices' first tokens
 
 
@@ -88,7 +90,9 @@ class RouterConfig(_Model):
     mode: Mode = "request"
     on_spike: OnSpike = Field(default="takeover", description="mode token: at a step above tau the super model "
                               "makes that token and all the rest (takeover) or only that token, then the swift "
-                              "model goes on (defer)")
+                              "model goes on (defer), or also checks the last `window` swift tokens first (verify)")
+    window: int = Field(default=DEFAULT_WINDOW, ge=1, le=64, description="on_spike verify: swift tokens the super "
+                        "model checks at a spike; the server holds that many back until they are checked")
     energy_over: EnergyOver = "vocab"
     normalize: bool = Field(default=False, description="take the energy of log-probabilities (log_softmax) instead "
                             "of raw logits: shift-invariant; for T < 1 a Renyi entropy (not in the paper)")

@@ -136,7 +136,8 @@ class Engine:
                                   spare_slots=spare_slots)
         self.context_length = self.runner.max_len
         if progress is not None:
-            progress(f"runtime: {self.runner.backend} forward, KV cache {max_batch_size} slots x "
+            spare = f" + {spare_slots} spare" if spare_slots else ""
+            progress(f"runtime: {self.runner.backend} forward, KV cache {max_batch_size}{spare} slots x "
                      f"{self.context_length} tokens = {self.runner.kv_cache_bytes / 2**20:.0f} MiB")
         if self.runner.compiled:
             self._compile(progress)
@@ -350,9 +351,14 @@ class Engine:
 
     def _append_token(self, seq: _Sequence, logits: torch.Tensor, token: int) -> bool:
         """Detokenize and emit one sampled token; returns True when the sequence is finished."""
-        params = seq.params
-        lps = [token_logprob(logits, token, params.logprobs)] if params.logprobs is not None else []
+        lps = [token_logprob(logits, token, seq.params.logprobs)] if seq.params.logprobs is not None else []
         seq.output_ids.append(token)
+        return self._emit(seq, token, lps, len(seq.output_ids))
+
+    def _emit(self, seq: _Sequence, token: int, lps: list[TokenLogprob], position: int) -> bool:
+        """Detokenize and send ``token``, the ``position``-th of ``seq.output_ids`` (a router may
+        hold the last few back); True when it ends the sequence (EOS, stop string, length)."""
+        params = seq.params
         reason = None
         if is_end_of_sequence(token, self.eos_ids, params):
             reason, text = "stop", seq.detok.flush()
@@ -360,14 +366,14 @@ class Engine:
             text = seq.detok.add(token)
             if seq.detok.stopped:
                 reason = "stop"
-            elif length_limit_reached(len(seq.output_ids), len(seq.prompt_ids) + len(seq.output_ids), params,
-                                      self.context_length):
+            elif length_limit_reached(position, len(seq.prompt_ids) + position, params, self.context_length):
                 reason = "length"
                 text += seq.detok.flush()
         if reason is not None:
+            del seq.output_ids[position:]  # held-back tokens after the end are dropped
             self._finish(seq, text, [token], lps, reason)
             return True
-        seq.sink(RequestOutput(text, [token], lps, False, None, len(seq.prompt_ids), len(seq.output_ids)))
+        seq.sink(RequestOutput(text, [token], lps, False, None, len(seq.prompt_ids), position))
         return False
 
     def _finish(

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from llmcomp.routing import SUPER, SWIFT, Decision, Router, RouterConfig
-from llmcomp.runtime.sampling import SamplingParams
+from llmcomp.runtime.sampling import SamplingParams, TokenLogprob, sample_rows, token_logprob
+from llmcomp.runtime.stopping import is_end_of_sequence, length_limit_reached
 from llmcomp.serve.engine import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
@@ -172,13 +173,20 @@ class _Continuing(_Engine):
         parked = self._parked.pop(seq.park_key, None) if seq.park_key is not None else None
         if parked is None:
             return
-        n = len(parked.tokens)
-        if n < len(seq.prompt_ids) and seq.prompt_ids[:n] == parked.tokens:
+        n = _common_prefix(parked.tokens, seq.prompt_ids, len(seq.prompt_ids) - 1)  # >= 1 token to prefill
+        if n:  # (verification may have rejected the cache's last tokens: they are cut off)
             self.runner.move(parked.slot, slot)
+            self.runner.rewind(slot, n)
             seq.prefilled = n
             self.parked_prefill_saved += n
         self.runner.free(parked.slot)
         self._spare.append(parked.slot)
+
+    def _spare_slot(self) -> int:
+        """A free spare slot; the oldest parked cache gives its slot up when none is free."""
+        if not self._spare:
+            self._release_parked(next(iter(self._parked)))
+        return self._spare.pop()
 
     def _release_parked(self, key: int) -> None:
         parked = self._parked.pop(key, None)
@@ -192,20 +200,59 @@ class _Continuing(_Engine):
         self._spare = list(range(self.max_batch_size, self.runner.num_slots))
 
 
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < min(len(a), len(b), limit) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+Held = list[tuple[int, list[TokenLogprob]]]  # swift tokens (with their logprobs) not yet sent
+
+
 class _SwiftEngine(_Continuing):
     """The swift model's engine: the router sees the logits of every token before it is sampled
-    into the sequence (request mode decides only at the first)."""
+    into the sequence (request mode decides only at the first).
 
-    def __init__(self, *args: Any, on_token: Callable[[Any, torch.Tensor], bool], **kwargs: Any) -> None:
+    With ``on_spike: verify`` (``window`` > 0) the last ``window`` tokens of each sequence are held
+    back: they are in the sequence and the cache but not sent, because the super model may reject
+    them at the next spike. Older ones are sent (never to be checked), and all are sent when the
+    sequence ends here."""
+
+    def __init__(self, *args: Any, on_token: Callable[[Any, torch.Tensor], bool], window: int = 0,
+                 **kwargs: Any) -> None:
         self._on_token = on_token  # set before Engine starts its thread
+        self.window = window
+        self._held: dict[int, Held] = {}  # sequence id -> held tokens (engine thread)
         super().__init__(*args, **kwargs)
+
+    def take_held(self, seq: Any) -> Held:
+        """The held tokens of ``seq`` (the last ones of its output), now the caller's to send."""
+        return self._held.pop(seq.id, [])
 
     def _append_token(self, seq: Any, logits: torch.Tensor, token: int) -> bool:
         if self._on_token(seq, logits):
             seq.done = True  # handed to the super engine: leaves this batch without an event
             self._park(seq)
             return True
-        return super()._append_token(seq, logits, token)
+        if not self.window:
+            return super()._append_token(seq, logits, token)
+        held = self._held.setdefault(seq.id, [])
+        held.append((token, [token_logprob(logits, token, seq.params.logprobs)] if seq.params.logprobs is not None
+                     else []))
+        seq.output_ids.append(token)
+        n = len(seq.output_ids)
+        ends = is_end_of_sequence(token, self.eos_ids, seq.params) or length_limit_reached(
+            n, len(seq.prompt_ids) + n, seq.params, self.context_length)
+        while held and (ends or len(held) > self.window):
+            tok, lps = held.pop(0)
+            if self._emit(seq, tok, lps, n - len(held)):
+                return True
+        return False
+
+    def _finish(self, seq: Any, *args: Any, **kwargs: Any) -> None:
+        self._held.pop(seq.id, None)  # cancelled, failed or ended: held tokens after the end are void
+        super()._finish(seq, *args, **kwargs)
 
 
 class _SuperEngine(_Continuing):
@@ -224,6 +271,73 @@ class _SuperEngine(_Continuing):
     def _finish(self, seq: Any, *args: Any, **kwargs: Any) -> None:
         self._back.pop(seq.id, None)  # cancelled or failed before its token
         super()._finish(seq, *args, **kwargs)
+
+    def submit_verify(self, ids: list[int], held: Held, params: SamplingParams, sink: Sink, swift_sink: Sink,
+                      detok: Any, generator: torch.Generator, back: Callable[[Any], None],
+                      park_key: int) -> RequestHandle:
+        """``on_spike: verify``: check the swift tokens ``held`` (sent after ``ids``, not yet to the
+        client) and make the next token, in one forward on this engine's thread; accepted swift
+        tokens go to ``swift_sink``, the super token to ``sink``, then ``back(visit)`` unless the
+        super token ended the sequence."""
+        seq = _Sequence(next(self._ids), list(ids), params, sink, detok, generator, park_key=park_key)
+        seq.output_ids = [t for t, _ in held]
+        if self._closed:
+            raise EngineClosedError("engine is shut down")
+        self.call_soon(lambda: self._verify(seq, held, swift_sink, back))
+        return RequestHandle(seq, self)
+
+    def _verify(self, seq: Any, held: Held, swift_sink: Sink, back: Callable[[Any], None]) -> None:
+        """One verification, in a spare slot (the request's parked cache when there is one): the
+        super logits at the held positions and after them, the longest agreeing prefix of the held
+        tokens is kept, the super model's choice replaces the first disagreeing one (or follows
+        them all), and the cache is cut back to what was kept (greedy: the choice is the argmax;
+        sampling: a draw from the super distribution with the request's generator)."""
+        if seq.cancelled:
+            self._finish(seq, "", [], [], "cancelled")
+            return
+        ids = seq.prompt_ids + seq.output_ids
+        h = len(held)
+        parked = self._parked.pop(seq.park_key, None)
+        if parked is not None:
+            slot = parked.slot
+            self.runner.rewind(slot, _common_prefix(parked.tokens, ids, len(ids) - h - 1))
+            self.parked_prefill_saved += self.runner.lengths[slot]
+        else:
+            slot = self._spare_slot()
+            self.runner.free(slot)
+        if len(ids) >= self.context_length:
+            self._spare.append(slot)
+            self.runner.free(slot)
+            self._finish(seq, "", [], [], "error", error=f"the sequence has {len(ids)} tokens; the maximum "
+                         f"context is {self.context_length}")
+            return
+        new = ids[self.runner.lengths[slot]:]
+        self.prefilled_tokens += len(new)
+        logits = self.runner.prefill(slot, new, logits_for_all=True)[-(h + 1):]
+        for cut in range(h + 1):  # the super model's choice at each held position, then after them
+            token = sample_rows(logits[cut][None], [seq.params], [seq.generator])[0]
+            if cut == h or token != held[cut][0]:
+                break
+        self.runner.rewind(slot, len(seq.prompt_ids) + cut)
+        del seq.output_ids[cut:]
+        sink, seq.sink = seq.sink, swift_sink
+        for i, (token, lps) in enumerate(held[:cut]):  # accepted: sent as the swift model's
+            if self._emit(seq, token, lps, i + 1):
+                self._park_spare(seq, slot)
+                return
+        seq.sink = sink
+        lps = [token_logprob(logits[cut], token, seq.params.logprobs)] if seq.params.logprobs is not None else []
+        seq.output_ids.append(token)
+        finished = self._emit(seq, token, lps, len(seq.output_ids))
+        self._park_spare(seq, slot)
+        if not finished:
+            seq.done = True
+            back(seq)
+
+    def _park_spare(self, seq: Any, slot: int) -> None:
+        """Keep the verification's cache (already in spare ``slot``) for the request's next visit."""
+        self._release_parked(seq.park_key)
+        self._parked[seq.park_key] = _Parked(slot, (seq.prompt_ids + seq.output_ids)[:self.runner.lengths[slot]])
 
 
 class RoutedHandle:
@@ -256,14 +370,15 @@ class RoutedEngine:
         if config.energy_over != "vocab":
             raise ValueError("a served router takes the energy over the vocabulary (energy_over: vocab); "
                              "'choices' exists only for scoring tasks")
-        if super_engine is not None and config.mode == "token" and config.on_spike == "defer":
-            raise ValueError("on_spike 'defer' needs the super model in this server (a deferred token goes back "
-                             "to the swift engine); use on_spike 'takeover' with a remote super model")
+        if super_engine is not None and config.mode == "token" and config.on_spike in ("defer", "verify"):
+            raise ValueError(f"on_spike '{config.on_spike}' needs the super model in this server (a deferred token "
+                             "goes back to the swift engine); use on_spike 'takeover' with a remote super model")
         if super_engine is None and int(swift_model.config.vocab_size) != int(super_model.config.vocab_size):
             raise ValueError("the swift and super models have different vocabularies")
         self.router = Router(config)
         self.tokenizer = tokenizer
-        self._defer = config.mode == "token" and config.on_spike == "defer"
+        self._defer = config.mode == "token" and config.on_spike in ("defer", "verify")  # back to swift
+        self._window = config.window if config.mode == "token" and config.on_spike == "verify" else 0
         if park_slots is None:
             park_slots = max_batch_size if self._defer else 0
         self.counts = {SWIFT: 0, SUPER: 0}  # first decisions (after prefill)
@@ -273,10 +388,12 @@ class RoutedEngine:
         say = progress or (lambda _m: None)
         say("super model engine")
         self.super = super_engine or _SuperEngine(super_model, tokenizer, max_batch_size, max_queue, context_length,
-                                                  compile=compile, progress=progress, park_slots=park_slots)
+                                                  compile=compile, progress=progress,
+                                                  park_slots=max(park_slots, 1 if self._window else 0))
         say("swift model engine")
         self.swift = _SwiftEngine(swift_model, tokenizer, max_batch_size, max_queue, context_length,
-                                  compile=compile, progress=progress, on_token=self._decide, park_slots=park_slots)
+                                  compile=compile, progress=progress, on_token=self._decide, park_slots=park_slots,
+                                  window=self._window)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.context_length = min(self.swift.context_length, self.super.context_length)
         self.eos_ids = self.swift.eos_ids
@@ -351,11 +468,19 @@ class RoutedEngine:
             self._routes.pop(seq.id, None)
             route.forget = None
             self.takeovers += not first
-        defer = config.mode == "token" and config.on_spike == "defer"
+        defer = config.mode == "token" and config.on_spike in ("defer", "verify")
         if defer:
             seq.park_key = route.key  # the swift engine keeps its cache while the super model adds a token
         try:
-            if first and not defer:  # the whole request: as if it had been sent to the super model
+            if self._window:  # the held swift tokens go with it, to be checked
+                held = self.swift.take_held(seq)
+                kept = len(seq.output_ids) - len(held)
+                route.earlier += kept
+                params = dataclasses.replace(seq.params, max_tokens=seq.params.max_tokens - kept)
+                route.super_handle = self.super.submit_verify(
+                    seq.prompt_ids + seq.output_ids[:kept], held, params, route.super_event, route.swift_event,
+                    seq.detok, seq.generator, lambda visit, r=route: self._back_to_swift(r, visit), route.key)
+            elif first and not defer:  # the whole request: as if it had been sent to the super model
                 route.super_handle = self.super.submit(seq.prompt_ids, seq.params, route.super_event)
             else:
                 route.earlier += len(seq.output_ids)

@@ -343,3 +343,45 @@ def test_server_deferral_prefills_only_what_each_engine_has_not_seen(pair, defer
     finally:
         if not park:
             engine.close()
+
+
+# -- server: mode token, on_spike verify ---------------------------------------------------------
+@pytest.mark.parametrize("window", [1, 3])
+def test_server_window_verification_equals_reference_in_a_batch(pair, window):
+    """Six prompts decoded together: token ids and the model of each token equal the naive
+    verification reference (float64 full forwards); swift tokens are sent only once checked or out
+    of the window, so the stream never takes a token back."""
+    swift, super_, tok = pair
+    prompts = [tok.encode(p) for p in PROMPTS]
+    energies = sorted(swift_energies(swift, prompts[1]))
+    tau = (energies[7] + energies[8]) / 2
+    refs = [reference_verification(swift, super_, p, tau, window) for p in prompts]
+    deferral = [reference_deferral(swift, super_, p, tau) for p in prompts]
+    assert refs != deferral, "some swift token should be rejected (else verification is per-token deferral)"
+    config = RouterConfig(tau=tau, mode="token", on_spike="verify", window=window)
+    engine = RoutedEngine(swift, super_, tok, config, max_batch_size=4, max_queue=16, context_length=64)
+    try:
+        queues = [collect(engine, p) for p in prompts]  # all at once: checks while others decode
+        for prompt, events, (tokens, by_super) in zip(prompts, queues, refs, strict=True):
+            evs = drain(events)
+            assert [t for ev in evs for t in ev.token_ids] == tokens
+            assert [ev.routed_to == "super" for ev in evs for _ in ev.token_ids] == by_super
+            assert [ev.completion_tokens for ev in evs if ev.token_ids] == list(range(1, len(tokens) + 1))
+            assert all(ev.prompt_tokens == len(prompt) for ev in evs)
+        settle(engine)
+        deadline = time.monotonic() + 10
+        while (engine.swift.num_parked or engine.super.num_parked) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.swift.num_parked == engine.super.num_parked == 0 and not engine.swift._held
+        assert engine.super.parked_prefill_saved > 0 and engine.swift.parked_prefill_saved > 0
+        # over HTTP: the stream's text equals the answer's, and names each token's model
+        i = next(k for k, (r, d) in enumerate(zip(refs, deferral, strict=True)) if r != d)
+        with BackgroundServer(create_app(engine, ServerConfig(MODEL))) as url:
+            request = {"model": MODEL, "prompt": prompts[i], "max_tokens": STEPS, "temperature": 0}
+            body = httpx.post(f"{url}/v1/completions", json=request, timeout=60).json()
+            with httpx.stream("POST", f"{url}/v1/completions", json={**request, "stream": True}, timeout=60) as s:
+                chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert body["choices"][0]["text"] == tok.decode(refs[i][0]) == "".join(c["choices"][0]["text"] for c in chunks)
+        assert body["deferred_tokens"] == sum(refs[i][1])
+    finally:
+        engine.close()

@@ -49,9 +49,9 @@ def serve(
                                          "endpoint (llmcomp serve, --engine vllm, stock vLLM; same tokenizer) "
                                          "instead of --super; key from $LLMCOMP_SUPER_API_KEY"),
     park_slots: int | None = typer.Option(
-        None, min=0, help="routed serving with on_spike 'defer': spare KV slots per engine that keep a sequence's "
-                          "cache while the other model adds a token, so only new tokens are prefilled (default: "
-                          "--max-batch-size; each slot costs one sequence's KV memory; 0 re-prefills)"),
+        None, min=0, help="routed serving with on_spike 'defer'/'verify': spare KV slots per engine that keep a "
+                          "sequence's cache while the other model adds a token, so only new tokens are prefilled "
+                          "(default: --max-batch-size; each slot costs one sequence's KV memory; 0 re-prefills)"),
     activation_sparsity: float | None = typer.Option(
         None, help="native: drop this fraction of each linear's inputs per token (TEAL/WINA); batch-1 decode "
                    "reads only the kept weight columns"),
@@ -147,14 +147,14 @@ def _serve_routed(model: str | None, swift: str | None, super_: str | None, rout
     if super_url is not None:
         if super_ is not None:
             raise LlmcompError("give --super or --super-url, not both")
-        if config.mode == "token" and config.on_spike == "defer":
-            raise LlmcompError("router on_spike 'defer' needs --super (a deferred token goes back to the local "
-                               "swift engine); use on_spike 'takeover' with --super-url")
+        if config.mode == "token" and config.on_spike in ("defer", "verify"):
+            raise LlmcompError(f"router on_spike '{config.on_spike}' needs --super (a deferred token goes back to "
+                               "the local swift engine); use on_spike 'takeover' with --super-url")
     swift, super_ = swift or config.swift, super_ or (None if super_url else config.super)
     if swift is None or (super_ is None and super_url is None):
         raise LlmcompError("routed serving needs --swift and --super or --super-url (or router.json naming them)")
-    if park_slots is not None and not (config.mode == "token" and config.on_spike == "defer"):
-        raise LlmcompError("--park-slots applies to routers with mode 'token' and on_spike 'defer'")
+    if park_slots is not None and not (config.mode == "token" and config.on_spike in ("defer", "verify")):
+        raise LlmcompError("--park-slots applies to routers with mode 'token' and on_spike 'defer' or 'verify'")
     run_routed_native(swift, super_, config, options, super_url, park_slots)
 
 
