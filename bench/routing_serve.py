@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default="swift,super,routed",
                     help="comma list of swift, super, routed, routed-eager (routed with --no-compile), "
                     "routed-defer (token mode, on_spike defer), routed-defer-reprefill (the same without parked "
-                    "KV slots)")
+                    "KV slots), routed-verify (on_spike verify, --window)")
+    ap.add_argument("--window", type=int, default=4, help="routed-verify: swift tokens checked at a spike")
     ap.add_argument("--out", type=Path, default=Path("bench/results/routing_serve.json"))
     args = ap.parse_args(argv)
     args.chat, args.temperature, args.ignore_eos, args.api_key, args.model = False, 0.0, True, None, None
@@ -171,17 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tau = statistics.median(energies)
     work = Path(tempfile.mkdtemp(prefix="routing-serve-"))
-    router, defer = work / "router.json", work / "router-defer.json"
+    router, defer, verify = work / "router.json", work / "router-defer.json", work / "router-verify.json"
     from llmcomp.routing import RouterConfig, save_router
 
     save_router(RouterConfig(tau=tau, mode=args.mode, swift=args.swift, super=args.super_), router)
     save_router(RouterConfig(tau=tau, mode="token", on_spike="defer", swift=args.swift, super=args.super_), defer)
+    save_router(RouterConfig(tau=tau, mode="token", on_spike="verify", window=args.window, swift=args.swift,
+                             super=args.super_), verify)
     common = args.server_args.split() + ([] if args.compile else ["--no-compile"])
     commands = {"swift": [args.swift, *common], "super": [args.super_, *common],
                 "routed": ["--router", str(router), *common],
                 "routed-eager": ["--router", str(router), *args.server_args.split(), "--no-compile"],
                 "routed-defer": ["--router", str(defer), *common],
-                "routed-defer-reprefill": ["--router", str(defer), "--park-slots", "0", *common]}
+                "routed-defer-reprefill": ["--router", str(defer), "--park-slots", "0", *common],
+                "routed-verify": ["--router", str(verify), *common]}
     argv = sys.argv[1:] if argv is None else argv
     result: dict[str, Any] = {**serve_load.run_meta(args, argv), "command": shlex.join(["python", __file__, *argv]),
                               "tau": tau, "mode": args.mode, "prefill_energies": energies,

@@ -277,18 +277,24 @@ def deferring(pair):
     engine.close()
 
 
-def test_server_per_token_deferral_equals_reference_in_a_batch(pair, deferring):
-    swift, super_, _ = pair
-    _, engine, prompts, refs, tau = deferring
-    # interleaved answers: some super token is followed by a swift token
-    assert any(s and not n for _, b in refs for s, n in zip(b, b[1:], strict=False))
-    queues = [collect(engine, p) for p in prompts]  # all at once: visits while others decode
+def batch_equals_references(engine, prompts: list[list[int]], refs: list[tuple[list[int], list[bool]]]) -> None:
+    """Submit every prompt at once; each answer's token ids, the model of each token and the
+    running counts equal its reference (tokens, whether the super model made each)."""
+    queues = [collect(engine, p) for p in prompts]
     for prompt, events, (tokens, by_super) in zip(prompts, queues, refs, strict=True):
         evs = drain(events)
         assert [t for ev in evs for t in ev.token_ids] == tokens
         assert [ev.routed_to == "super" for ev in evs for _ in ev.token_ids] == by_super
         assert [ev.completion_tokens for ev in evs if ev.token_ids] == list(range(1, len(tokens) + 1))
         assert all(ev.prompt_tokens == len(prompt) for ev in evs)
+
+
+def test_server_per_token_deferral_equals_reference_in_a_batch(pair, deferring):
+    swift, super_, _ = pair
+    _, engine, prompts, refs, tau = deferring
+    # interleaved answers: some super token is followed by a swift token
+    assert any(s and not n for _, b in refs for s, n in zip(b, b[1:], strict=False))
+    batch_equals_references(engine, prompts, refs)  # all at once: visits while others decode
     # the library's per-token deferral (both KV caches kept) agrees with the server's legs
     lib = generate_with_deferral(*runners(pair), prompts[1], Router(RouterConfig(tau=tau)), STEPS, eos={EOS})
     assert (lib.tokens, lib.by_super) == refs[1]
@@ -361,13 +367,7 @@ def test_server_window_verification_equals_reference_in_a_batch(pair, window):
     config = RouterConfig(tau=tau, mode="token", on_spike="verify", window=window)
     engine = RoutedEngine(swift, super_, tok, config, max_batch_size=4, max_queue=16, context_length=64)
     try:
-        queues = [collect(engine, p) for p in prompts]  # all at once: checks while others decode
-        for prompt, events, (tokens, by_super) in zip(prompts, queues, refs, strict=True):
-            evs = drain(events)
-            assert [t for ev in evs for t in ev.token_ids] == tokens
-            assert [ev.routed_to == "super" for ev in evs for _ in ev.token_ids] == by_super
-            assert [ev.completion_tokens for ev in evs if ev.token_ids] == list(range(1, len(tokens) + 1))
-            assert all(ev.prompt_tokens == len(prompt) for ev in evs)
+        batch_equals_references(engine, prompts, refs)  # all at once: checks while others decode
         settle(engine)
         deadline = time.monotonic() + 10
         while (engine.swift.num_parked or engine.super.num_parked) and time.monotonic() < deadline:
