@@ -121,6 +121,8 @@ def test_remote_super_refuses_unreachable_urls_and_defer(servers):
     ("request", ["--super", "smollm2-135m"], "not both"),
     ("token", ["--engine", "vllm"], "native engine"),
     ("defer", [], "on_spike 'defer' needs --super"),
+    ("verify", [], "on_spike 'verify' needs --super"),
+    ("token", ["--park-slots", "2"], "--park-slots applies to routers with mode"),
 ])
 def test_serve_super_url_bad_combinations_are_one_line(tmp_path, mode, extra, message):
     from typer.testing import CliRunner
@@ -128,7 +130,7 @@ def test_serve_super_url_bad_combinations_are_one_line(tmp_path, mode, extra, me
     from llmcomp.cli.main import app
     from llmcomp.routing import save_router
 
-    on_spike = "defer" if mode == "defer" else "takeover"
+    on_spike = mode if mode in ("defer", "verify") else "takeover"
     save_router(RouterConfig(tau=0.0, mode="request" if mode == "request" else "token", on_spike=on_spike,
                              swift="smollm2-135m"), tmp_path / "router.json")
     result = CliRunner().invoke(app, ["serve", "--router", str(tmp_path / "router.json"), "--super-url",
