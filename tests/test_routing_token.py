@@ -277,6 +277,14 @@ def deferring(pair):
     engine.close()
 
 
+def wait_unparked(engine) -> None:
+    """Every parked cache released (on the engine threads, soon after the requests end), nothing held."""
+    deadline = time.monotonic() + 10
+    while (engine.swift.num_parked or engine.super.num_parked) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.swift.num_parked == engine.super.num_parked == 0 and not engine.swift._held
+
+
 def batch_equals_references(engine, prompts: list[list[int]], refs: list[tuple[list[int], list[bool]]]) -> None:
     """Submit every prompt at once; each answer's token ids, the model of each token and the
     running counts equal its reference (tokens, whether the super model made each)."""
@@ -341,10 +349,7 @@ def test_server_deferral_prefills_only_what_each_engine_has_not_seen(pair, defer
             else:
                 want = (p + sum(p + j + 1 for j in returns), sum(p + j for j in visits))
             assert (engine.swift.prefilled_tokens - before[0], engine.super.prefilled_tokens - before[1]) == want
-        deadline = time.monotonic() + 10  # parked caches are released on the engine threads
-        while (engine.swift.num_parked or engine.super.num_parked) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert engine.swift.num_parked == engine.super.num_parked == 0
+        wait_unparked(engine)
         assert (engine.swift.parked_prefill_saved > 0) == park
     finally:
         if not park:
@@ -369,10 +374,7 @@ def test_server_window_verification_equals_reference_in_a_batch(pair, window):
     try:
         batch_equals_references(engine, prompts, refs)  # all at once: checks while others decode
         settle(engine)
-        deadline = time.monotonic() + 10
-        while (engine.swift.num_parked or engine.super.num_parked) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert engine.swift.num_parked == engine.super.num_parked == 0 and not engine.swift._held
+        wait_unparked(engine)
         assert engine.super.parked_prefill_saved > 0 and engine.swift.parked_prefill_saved > 0
         # over HTTP: the stream's text equals the answer's, and names each token's model
         i = next(k for k, (r, d) in enumerate(zip(refs, deferral, strict=True)) if r != d)
@@ -383,5 +385,7 @@ def test_server_window_verification_equals_reference_in_a_batch(pair, window):
                 chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
         assert body["choices"][0]["text"] == tok.decode(refs[i][0]) == "".join(c["choices"][0]["text"] for c in chunks)
         assert body["deferred_tokens"] == sum(refs[i][1])
+        cancel_while_on_super(engine, prompts[i])
+        wait_unparked(engine)
     finally:
         engine.close()
