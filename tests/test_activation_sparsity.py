@@ -244,8 +244,9 @@ def test_masked_dense_linear_from_plain_tensors_matches_module(kind):
 @pytest.mark.parametrize("weights", ["dense", "int4"])
 def test_runtime_decode_matches_full_forward(weights):
     """Batch-1 decode on the runtime (the sparse kernel, per token) gives the logits of a full forward
-    (every token masked on its own): one semantics for prefill, scoring and decode. int4 siblings
-    would be fused by the runtime; wrapped ones are not, so the criterion applies per projection."""
+    (every token masked on its own): one semantics for prefill, scoring and decode. Wrapped int4
+    siblings (q/k/v, gate/up) are grouped by the runtime into one packed-kernel call per group,
+    each projection with its own selection."""
     from llmcomp.passes.base import set_submodule
     from llmcomp.runtime import ModelRunner
 

@@ -4,11 +4,32 @@ Why a native kernel. At batch 1 an int4 layer costs one call of torch's fused in
 (``cpu_int4pack``, half a byte per weight). Any pure-torch gather (index the kept rows, unpack the
 nibbles, apply the group scales, matmul) materialises the selected weights in float and costs
 10-30x that (measured: docs/ACTIVATION_SPARSITY.md), and Inductor vectorises the fused form along
-the gathered axis (per-lane gathers), which is as slow. So the row is handled by ~100 lines of
-plain C (no torch headers): score, top-k by quickselect, and the gather GEMV, in one call. It is
-compiled once with the system C compiler (about a second; cached under ``~/.cache/llmcomp/native``
-by a hash of source and flags), called through ctypes, and registered as the op
-``llmcomp::act_sparse_packed_gemv``, which ``torch.compile`` treats as one opaque node (no graph
+the gathered axis (per-lane gathers), which is as slow. So the row is handled by about 150 lines of
+plain C (``act_sparse_packed.c``, no torch headers): score, top-k, and the gather GEMV, in one call.
+
+What made it faster than the dense int4 GEMV (issue 13; each measured, docs/BENCHMARKS.md):
+
+* **Top-k by radix select** on the score bits (scores are >= 0, so their bits sort as integers):
+  no data-dependent branches. The quickselect it replaced mispredicted on every new token's scores
+  and cost as much as the GEMV itself at 50% on SmolLM2's shapes.
+* **Software prefetch** of the kept rows 16 ahead: the rows are scattered (a dense GEMV streams),
+  and decode reads them from DRAM (the model does not fit the caches); and of each group's
+  scales and offsets when the group starts (they are read at its end).
+* **AVX-512 intrinsics** for the inner loop (16 codes widened to int32, converted, one FMA per kept
+  weight); the plain C loops stay for other hosts (the compiler vectorises them for AVX2).
+* **A C++ torch operator** (``act_sparse_packed_op.cpp``, ``llmcomp_sparse::gemv``) over weights
+  registered once and named by int handles (:func:`register_native`): about 4 us per call where a
+  Python custom op over ctypes costs about 10, and no weight tensor for torch.compile to guard.
+* **One call for siblings** (q/k/v, gate/up: :func:`packed_siblings`, used by
+  :class:`~llmcomp.modules.activation_sparse.FusedSparseSiblings`): 120 calls per SmolLM2 token
+  instead of 210, as many as the dense int4 path makes.
+
+Builds, cached under ``~/.cache/llmcomp/native`` by a hash of sources, flags (and torch version):
+the C file alone as a shared library for ctypes (about a second, any C compiler; one per ISA of
+:data:`ISA_FLAGS`, the tests run each), and the operator (the C file compiled with the ISA flags,
+linked into the C++ wrapper built against torch's headers; about 20 s once). When the operator
+cannot be built the kernel runs through ctypes, registered as the Python op
+``llmcomp::act_sparse_packed_gemv`` for ``torch.compile`` (one opaque node either way, no graph
 break). One thread (the decode benchmarks run one); several threads are future work.
 
 Layout, chosen at ``prepare``: the codes input-channel-major, so each kept channel is one
@@ -23,11 +44,13 @@ dense GEMV. Ties in the score go to the lower channel index.
 
 Selection and semantics are those of :class:`~llmcomp.kernels.dispatch.ActivationSparseLayout`.
 Several rows (prefill) gather and dequantize the kept rows once and run one GEMM (torch ops).
-Without a C compiler the kernel reports it cannot run and dispatch falls back to ``cpu_sparse_bag``.
+Without a C compiler (or with ``LLMCOMP_NO_NATIVE_KERNELS=1``) the kernel reports it cannot run and
+dispatch falls back to ``cpu_sparse_bag``.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import hashlib
@@ -35,7 +58,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -52,134 +77,30 @@ from llmcomp.kernels.dispatch import (
 
 PACKED_BITS = (4, 8)
 INT4_OFFSET = 8  # stored signed q in [-8, 7]; the nibble holds u = q + 8
-NO_NATIVE_ENV = "LLMCOMP_NO_NATIVE_KERNELS"  # set to 1 to never build the C++ extension
+NO_NATIVE_ENV = "LLMCOMP_NO_NATIVE_KERNELS"  # set to 1 to never build (or load) the native code
 COMPILE_TIMEOUT_S = 120
 
-_C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+C_SOURCE = Path(__file__).with_name("act_sparse_packed.c")
+OP_SOURCE = Path(__file__).with_name("act_sparse_packed_op.cpp")
 
-static float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
-static uint16_t f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
+ISA_FLAGS = {  # one library per instruction set; the C source picks its loops by the macros these define
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma"],  # explicit AVX-512 intrinsics
+    "avx2": ["-mavx2", "-mfma"],  # the plain C loops, vectorised by the compiler
+    "generic": [],  # the plain C loops, baseline x86-64 / any other architecture
 }
 
-/* rows (ascending) of the `keep` largest scores; among equal scores the lower index wins.
-   Quickselect on a copy finds the keep-th largest value t, one pass collects. */
-static int64_t select_rows(const float* score, int64_t k, int64_t keep, float* tmp, int64_t* rows) {
-  memcpy(tmp, score, (size_t)k * sizeof(float));
-  int64_t lo = 0, hi = k - 1, target = keep - 1;
-  while (lo < hi) {
-    const float pivot = tmp[lo + (hi - lo) / 2];
-    int64_t i = lo, j = hi;
-    while (i <= j) {
-      while (tmp[i] > pivot) ++i;
-      while (tmp[j] < pivot) --j;
-      if (i <= j) { const float t = tmp[i]; tmp[i] = tmp[j]; tmp[j] = t; ++i; --j; }
-    }
-    if (target <= j) hi = j; else if (target >= i) lo = i; else break;
-  }
-  const float t = tmp[target];
-  int64_t above = 0, m = 0;
-  for (int64_t i = 0; i < k; ++i) above += score[i] > t;
-  int64_t ties = keep - above;
-  for (int64_t i = 0; i < k && m < keep; ++i) {
-    if (score[i] > t) rows[m++] = i;
-    else if (score[i] == t && ties > 0) { rows[m++] = i; --ties; }
-  }
-  return m;
-}
 
-/* One row: score |x| (times norms when given), keep the best `keep` inputs, then
-   y[n] = sum_j x[r_j] * (c[r_j, n] * s[g_j, n] - o[g_j, n]),  g_j = r_j / group.
-   The kept rows are ascending, so a group's rows are adjacent: they are accumulated
-   unscaled, and the group's scale and offset are applied once.
-   int4: codes uint8 [K, width]: low nibble = column m, high nibble = column m + width (N = 2 width).
-   int8: codes int8 [K, width] (N = width). x and y are float32 or bfloat16 (flags). 0 = ok. */
-#define SPARSE_GEMV(NAME, CODE, INT4)                                                                   \
-int NAME(const void* xin, int x_bf16, const float* norms, int64_t k, int64_t keep, const CODE* codes,     \
-         int64_t width, const float* scale, const float* offset, int64_t group, void* yout, int y_bf16) {  \
-  const int64_t n = INT4 ? 2 * width : width;                                                            \
-  float* buf = (float*)malloc((size_t)(3 * k + 2 * n) * sizeof(float));                                  \
-  int64_t* rows = (int64_t*)malloc((size_t)k * sizeof(int64_t));                                          \
-  if (buf == NULL || rows == NULL) { free(buf); free(rows); return 1; }                                   \
-  float *x = buf, *score = buf + k, *tmp = buf + 2 * k, *acc = buf + 3 * k, *y = buf + 3 * k + n;         \
-  for (int64_t i = 0; i < k; ++i) {                                                                       \
-    x[i] = x_bf16 ? bf16_to_f32(((const uint16_t*)xin)[i]) : ((const float*)xin)[i];                     \
-    const float a = x[i] < 0 ? -x[i] : x[i];                                                              \
-    score[i] = norms ? a * norms[i] : a;                                                                  \
-  }                                                                                                       \
-  const int64_t m = select_rows(score, k, keep, tmp, rows);                                               \
-  memset(y, 0, (size_t)n * sizeof(float));                                                                \
-  int64_t j = 0;                                                                                          \
-  while (j < m) {                                                                                         \
-    const int64_t g = rows[j] / group;                                                                    \
-    float* restrict lo = acc;                                                                             \
-    float* restrict hi = acc + width;                                                                     \
-    memset(acc, 0, (size_t)n * sizeof(float));                                                            \
-    float xsum = 0.f;                                                                                     \
-    int64_t end = j;                                                                                      \
-    while (end < m && rows[end] / group == g) ++end;                                                      \
-    for (; j + 4 <= end; j += 4) { /* four rows per pass: a quarter of the accumulator traffic */        \
-      const float x0 = x[rows[j]], x1 = x[rows[j + 1]], x2 = x[rows[j + 2]], x3 = x[rows[j + 3]];         \
-      const CODE* restrict r0 = codes + rows[j] * width;                                                  \
-      const CODE* restrict r1 = codes + rows[j + 1] * width;                                              \
-      const CODE* restrict r2 = codes + rows[j + 2] * width;                                              \
-      const CODE* restrict r3 = codes + rows[j + 3] * width;                                              \
-      xsum += (x0 + x1) + (x2 + x3);                                                                      \
-      if (INT4) {                                                                                         \
-        for (int64_t i = 0; i < width; ++i) {                                                             \
-          lo[i] += x0 * (float)(r0[i] & 15) + x1 * (float)(r1[i] & 15)                                    \
-                 + x2 * (float)(r2[i] & 15) + x3 * (float)(r3[i] & 15);                                   \
-          hi[i] += x0 * (float)(r0[i] >> 4) + x1 * (float)(r1[i] >> 4)                                    \
-                 + x2 * (float)(r2[i] >> 4) + x3 * (float)(r3[i] >> 4);                                   \
-        }                                                                                                 \
-      } else {                                                                                            \
-        for (int64_t i = 0; i < width; ++i)                                                               \
-          lo[i] += x0 * (float)r0[i] + x1 * (float)r1[i] + x2 * (float)r2[i] + x3 * (float)r3[i];         \
-      }                                                                                                   \
-    }                                                                                                     \
-    for (; j < end; ++j) {                                                                                \
-      const float xv = x[rows[j]];                                                                        \
-      const CODE* restrict row = codes + rows[j] * width;                                                 \
-      xsum += xv;                                                                                         \
-      if (INT4) {                                                                                         \
-        for (int64_t i = 0; i < width; ++i) {                                                             \
-          lo[i] += xv * (float)(row[i] & 15);                                                             \
-          hi[i] += xv * (float)(row[i] >> 4);                                                             \
-        }                                                                                                 \
-      } else {                                                                                            \
-        for (int64_t i = 0; i < width; ++i) lo[i] += xv * (float)row[i];                                  \
-      }                                                                                                   \
-    }                                                                                                     \
-    const float* restrict s = scale + g * n;                                                              \
-    const float* restrict o = offset + g * n;                                                             \
-    for (int64_t i = 0; i < n; ++i) y[i] += s[i] * acc[i] - o[i] * xsum;                                  \
-  }                                                                                                       \
-  if (y_bf16) { for (int64_t i = 0; i < n; ++i) ((uint16_t*)yout)[i] = f32_to_bf16(y[i]); }               \
-  else memcpy(yout, y, (size_t)n * sizeof(float));                                                        \
-  free(buf); free(rows);                                                                                  \
-  return 0;                                                                                               \
-}
-
-SPARSE_GEMV(sparse_gemv_int4, uint8_t, 1)
-SPARSE_GEMV(sparse_gemv_int8, int8_t, 0)
-"""
-
-
-def _simd_flags() -> list[str]:
-    """Vector ISA flags for the host torch itself runs on (part of the library's cache name)."""
+def best_isa() -> str:
+    """The widest of :data:`ISA_FLAGS` that torch itself uses on this host."""
     cap = torch.backends.cpu.get_cpu_capability()
-    if cap.startswith("AVX512"):
-        return ["-mavx512f", "-mavx512bw", "-mavx2", "-mfma"]
-    if cap.startswith("AVX2"):
-        return ["-mavx2", "-mfma"]
-    return []
+    return "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "generic"
+
+
+def runnable_isas() -> list[str]:
+    """Every library this host can execute, best first (the tests run each against the reference)."""
+    order = list(ISA_FLAGS)
+    return order[order.index(best_isa()):]
 
 
 def _cache_dir() -> Path:
@@ -187,32 +108,55 @@ def _cache_dir() -> Path:
     return Path(root) / "llmcomp" / "native"
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """Compile (once, cached by source and flags hash) and load the C kernel; (lib, "") or (None, reason).
+def _c_flags(isa: str | None) -> list[str]:
+    return ["-O3", "-std=c99", "-fPIC", "-ffp-contract=fast", *ISA_FLAGS[isa or best_isa()]]
 
-    Plain C with no torch headers: it builds in about a second (a torch C++ extension takes
-    minutes), and is called through ctypes on the tensors' data pointers."""
+
+def _build(stem: str, key: str, commands: Callable[[Path], list[list[str]]]) -> tuple[Path | None, str]:
+    """``<cache>/<stem>_<hash of key>.so``, built once: ``commands(tmp)`` run in a temporary folder
+    next to it and write ``tmp/out.so``, which is then moved in atomically (a concurrent process
+    sees the whole library or none). (path, "") or (None, reason)."""
+    path = _cache_dir() / f"{stem}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.so"
+    if path.exists():
+        return path, ""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            for cmd in commands(Path(tmp)):
+                subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            os.replace(Path(tmp) / "out.so", path)
+    except subprocess.CalledProcessError as exc:
+        return None, f"building {stem} failed: {(exc.stderr or '').strip()[-300:]}"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"building {stem} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return path, ""
+
+
+def _cc() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+@functools.cache
+def _library(isa: str | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """The C kernel for ``isa`` (default: :func:`best_isa`) as a plain shared library for ctypes;
+    (lib, "") or (None, reason).
+
+    Plain C with no torch headers: it builds in about a second, with any C compiler. It is the
+    path when the torch operator (:func:`native_op`) cannot be built, and the tests' way to run
+    each ISA's loops."""
     if os.environ.get(NO_NATIVE_ENV, "") not in ("", "0"):
         return None, f"{NO_NATIVE_ENV} is set"
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=fast", *_simd_flags()]
-    digest = hashlib.sha1((_C_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"act_sparse_packed_{digest}.so"
+    cc, flags, source = _cc(), _c_flags(isa), C_SOURCE.read_text()
+    if cc is None:
+        return None, "no C compiler (cc/gcc) on PATH"
+    path, reason = _build("act_sparse_packed", source + " ".join(flags),
+                          lambda tmp: [[cc, *flags, "-shared", str(C_SOURCE), "-o", str(tmp / "out.so")]])
+    if path is None:
+        return None, reason
     try:
-        if not path.exists():
-            if cc is None:
-                return None, "no C compiler (cc/gcc) on PATH"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
-                src.write_text(_C_SOURCE)
-                subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True,
-                               timeout=COMPILE_TIMEOUT_S)
-                os.replace(out, path)  # atomic: a concurrent process sees the whole library or none
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"cannot build the C kernel: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    except OSError as exc:
+        return None, f"cannot load the C kernel: {exc}"
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for fn in (lib.sparse_gemv_int4, lib.sparse_gemv_int8):
         fn.argtypes = [ptr, i32, ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr, i32]
@@ -225,16 +169,58 @@ def native_available() -> tuple[bool, str]:
     return lib is not None, reason
 
 
+@functools.lru_cache(maxsize=1)
+def native_op() -> tuple[Callable[..., torch.Tensor] | None, str]:
+    """The torch operator ``llmcomp_sparse::gemv(x, handles, keep)`` (act_sparse_packed_op.cpp
+    with the C kernel for :func:`best_isa` linked in), built once per source and torch version
+    (about 20 s) and loaded; (op, "") or (None, reason).
+
+    Why: a Python custom op costs about 10 us per call (dispatcher to Python, argument
+    conversion, ctypes), more than the kernel on the small layers, while the C++ dispatcher costs
+    about 4. The weights are registered with the operator once (:func:`register_native`) and
+    passed as int handles: under torch.compile every tensor a step reads is guarded before each
+    step (about a microsecond each), and four tensors per sparse layer made those guards cost as
+    much as the kernels' savings. Without a C++ compiler or torch's headers the kernel runs
+    through ctypes (:func:`_library`) instead."""
+    if os.environ.get(NO_NATIVE_ENV, "") not in ("", "0"):
+        return None, f"{NO_NATIVE_ENV} is set"
+    cc, cxx = _cc(), os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cc is None or cxx is None:
+        return None, "no C and C++ compiler (cc/gcc, g++/c++) on PATH"
+    import torch.utils.cpp_extension as cpp_extension
+
+    flags = _c_flags(None)
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    includes = [f"-I{d}" for d in cpp_extension.include_paths()]
+    libs = [f"-L{d}" for d in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
+
+    def commands(tmp: Path) -> list[list[str]]:  # the kernel with its ISA flags; the torch side without
+        return [[cc, *flags, "-c", str(C_SOURCE), "-o", str(tmp / "kernel.o")],
+                [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", abi, "-w", *includes, str(OP_SOURCE),
+                 str(tmp / "kernel.o"), *libs, "-o", str(tmp / "out.so")]]
+
+    key = C_SOURCE.read_text() + OP_SOURCE.read_text() + " ".join(flags) + torch.__version__
+    path, reason = _build("act_sparse_packed_op", key, commands)
+    if path is None:
+        return None, reason
+    try:
+        torch.ops.load_library(str(path))
+        torch.library.register_fake("llmcomp_sparse::gemv")(_native_gemv_fake)
+    except (OSError, RuntimeError) as exc:
+        return None, f"cannot load the torch operator: {str(exc)[:200]}"
+    return torch.ops.llmcomp_sparse.gemv.default, ""
+
+
 NATIVE_IO_DTYPES = (torch.float32, torch.bfloat16)  # what the C code reads and writes itself
-OP_NAME = "act_sparse_packed_gemv"
+OP_NAME = "act_sparse_packed_gemv"  # the Python op (ctypes), llmcomp::
 
 
 def _run(x: torch.Tensor, norms: torch.Tensor | None, codes: torch.Tensor, scale: torch.Tensor,
-         offset: torch.Tensor, keep: int, group: int, bits: int) -> torch.Tensor:
+         offset: torch.Tensor, keep: int, group: int, bits: int, isa: str | None = None) -> torch.Tensor:
     """The C call: ``x`` one contiguous row ``[K]`` (float32 or bfloat16), result ``[N_pad]`` in its dtype.
 
     Nothing is checked here (the hot path): :func:`pack_transposed` made the layout."""
-    lib, reason = _library()
+    lib, reason = _library(isa)
     if lib is None:
         raise RuntimeError(reason)
     width = codes.shape[1]
@@ -268,10 +254,11 @@ def check_inputs(x: torch.Tensor, norms: torch.Tensor | None, codes: torch.Tenso
 
 
 def packed_gemv(x: torch.Tensor, norms: torch.Tensor | None, codes: torch.Tensor, scale: torch.Tensor,
-                offset: torch.Tensor, keep: int, group: int, bits: int) -> torch.Tensor:
-    """``[N_pad]`` in ``x``'s dtype: one row ``x`` ``[K]`` through the packed sparse GEMV, checked."""
+                offset: torch.Tensor, keep: int, group: int, bits: int, isa: str | None = None) -> torch.Tensor:
+    """``[N_pad]`` in ``x``'s dtype: one row ``x`` ``[K]`` through the packed sparse GEMV, checked.
+    ``isa``: one of :func:`runnable_isas` (default the best; tests run them all)."""
     check_inputs(x, norms, codes, scale, offset, keep, group, bits)
-    return _run(x, norms, codes, scale, offset, keep, group, bits)
+    return _run(x, norms, codes, scale, offset, keep, group, bits, isa)
 
 
 # The op torch.compile sees (one opaque node). Defined with the low-level Library API: a
@@ -288,6 +275,51 @@ def _packed_gemv_fake(x, norms, codes, scale, offset, keep, group, bits):  # noq
     return x.new_empty(codes.shape[1] * (2 if bits == 4 else 1))
 
 
+_NATIVE_OUT: dict[int, int] = {}  # handle -> N_pad (what the fake op needs to size its result)
+
+
+def register_native(state: _PackedState) -> int | None:
+    """Register ``state``'s tensors with the C++ operator; its handle (released when ``state`` is
+    garbage), or None when the operator is not available."""
+    if native_op()[0] is None:
+        return None
+    handle = int(torch.ops.llmcomp_sparse.put(state.col_norms, state.codes, state.scale, state.offset, state.group,
+                                              state.bits))
+    _NATIVE_OUT[handle] = state.scale.shape[1]
+    weakref.finalize(state, _release_native, handle).atexit = False
+    return handle
+
+
+def _release_native(handle: int) -> None:
+    _NATIVE_OUT.pop(handle, None)
+    torch.ops.llmcomp_sparse.drop(handle)
+
+
+def _native_gemv_fake(x, handles, keep):  # noqa: ANN001, ANN202
+    return x.new_empty(sum(_NATIVE_OUT[h] for h in handles))
+
+
+def packed_siblings(row: torch.Tensor, states: list[_PackedState], biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """Layers that read the same ``row`` ``[K]`` (one layer, or siblings: q/k/v, gate/up), each
+    with its own weights, selection and keep, in one call of the C++ operator: their outputs
+    (plus biases) concatenated, ``[sum N]`` in ``row``'s dtype. Every state must have its
+    ``handle`` (the caller checks).
+
+    Why one call: at batch 1 the runtime's cost per call (dispatch, guards, wrapper code) is
+    comparable to the kernel's on SmolLM2's layers; the dense int4 runtime fuses these siblings
+    into one GEMV (llmcomp.runtime.fuse), and this gives the sparse layers the same call count.
+    Everything read here is an int, so the compiled step guards no weight tensors."""
+    y = torch.ops.llmcomp_sparse.gemv.default(row, [st.handle for st in states], [st.keep for st in states])
+    if all(b is None for b in biases) and all(st.n == st.n_pad for st in states):
+        return y
+    outs, start = [], 0
+    for state, bias in zip(states, biases, strict=True):
+        part = y[start:start + state.n]
+        outs.append(part if bias is None else part + bias.to(y.dtype))
+        start += state.n_pad  # an odd N has one padding column
+    return torch.cat(outs)
+
+
 @dataclass
 class _PackedState:
     codes: torch.Tensor  # int4: uint8 [K, N_pad / 2]; int8: int8 [K, N]
@@ -296,6 +328,17 @@ class _PackedState:
     group: int  # effective group length along K
     bits: int
     col_norms: torch.Tensor | None
+    n: int = 0  # out_features
+    n_pad: int = 0  # N_pad: scale.shape[1]
+    keep: int = 0  # inputs kept per row (prepare: the layout's)
+    handle: int | None = None  # the weights registered with the C++ operator (prepare), if it was built
+
+    def __deepcopy__(self, memo: dict) -> _PackedState:
+        """A copy registers its own handle (the original's is released with the original)."""
+        new = _PackedState(**{f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)
+                              if f.name != "handle"})
+        new.handle = register_native(new) if self.handle is not None else None
+        return new
 
 
 def pack_transposed(layout: ActivationSparseLayout, tensors: QuantTensors) -> _PackedState:
@@ -320,7 +363,8 @@ def pack_transposed(layout: ActivationSparseLayout, tensors: QuantTensors) -> _P
     else:
         codes = q.to(torch.int8).t().contiguous()
         offset = zero * scale
-    return _PackedState(codes, scale.t().contiguous(), offset.t().contiguous(), group, bits, None)
+    return _PackedState(codes, scale.t().contiguous(), offset.t().contiguous(), group, bits, None, n,
+                        scale.shape[0])
 
 
 class SparsePackedCpuKernel:
@@ -342,6 +386,8 @@ class SparsePackedCpuKernel:
             raise TypeError("cpu_sparse_packed needs QuantTensors as the base")
         state = pack_transposed(layout, tensors.base)
         state.col_norms = column_norms(layout, tensors)
+        state.keep = layout.keep
+        state.handle = register_native(state)
         return state
 
     def apply(self, x: torch.Tensor, layout: ActivationSparseLayout, state: _PackedState,
@@ -351,10 +397,14 @@ class SparsePackedCpuKernel:
         if x2.shape[0] == 1:  # decode: selection and GEMV in one C call
             row = x2[0] if x.dtype in NATIVE_IO_DTYPES else x2[0].float()
             row = row.contiguous()
-            # Eager: the C call directly; under torch.compile the registered op (one opaque node).
-            gemv = torch.ops.llmcomp.act_sparse_packed_gemv.default if torch.compiler.is_compiling() else _run
-            out = gemv(row, state.col_norms, state.codes, state.scale, state.offset, layout.keep, state.group,
-                       state.bits)
+            # The C++ op when it was built (eager and compiled); else ctypes: eager the C call
+            # directly, under torch.compile the Python op (one opaque node either way).
+            if state.handle is not None:
+                out = torch.ops.llmcomp_sparse.gemv.default(row, [state.handle], [layout.keep])
+            else:
+                gemv = torch.ops.llmcomp.act_sparse_packed_gemv.default if torch.compiler.is_compiling() else _run
+                out = gemv(row, state.col_norms, state.codes, state.scale, state.offset, layout.keep, state.group,
+                           state.bits)
             out = (out if out.shape[0] == n else out[:n]).to(x.dtype)[None]
         else:
             score = x2.float().abs().amax(dim=0)

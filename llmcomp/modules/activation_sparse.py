@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from llmcomp.kernels.act_sparse_packed import NATIVE_IO_DTYPES, packed_siblings
 from llmcomp.kernels.dispatch import (
     ActivationSparseLayout,
     ActivationSparseTensors,
@@ -237,9 +238,29 @@ class ActivationSparseLinear(nn.Module):
             return self.base(x)
         rows = math.prod(x.shape[:-1])
         if rows == 1 and self.mode == "topk" and self.use_kernel:
+            state = self.packed_decode_state(x)
+            if state is not None:  # the packed kernel's C++ operator, called directly (few guards)
+                y = packed_siblings(x.reshape(-1).contiguous(), [state], [self.base.bias])
+                return y.reshape(*x.shape[:-1], y.shape[0])
             kernel, state, layout = self._state_for(x)
             return kernel.apply(x, layout, state, self.base.bias)
         return self.base(x * self.input_mask(x).to(x.dtype))
+
+    def packed_decode_state(self, x: torch.Tensor) -> Any | None:
+        """The packed kernel's state when a batch-1 call with ``x`` runs its C++ operator, else
+        None: what :class:`FusedSparseSiblings` needs to compute this layer together with its
+        siblings in one call. Why not ``kernel.apply``: under torch.compile every object the step
+        reads is guarded before each step; this path reads a few ints of the cached state (the
+        kernel object, shared by all layers, cost one Python-level identity guard per layer)."""
+        if (self.sparsity <= 0.0 or self.mode != "topk" or not self.use_kernel or self.input_rotation is not None
+                or x.dtype not in NATIVE_IO_DTYPES):
+            return None
+        cached = self._kernel_state
+        if cached is None or cached[2] != (x.device, x.dtype, self.sparsity, self.criterion):
+            self._state_for(x)  # (re)prepares: eagerly, before the step is compiled
+            cached = self._kernel_state
+        state = cached[1]
+        return state if getattr(state, "handle", None) is not None else None
 
     def _layout(self) -> ActivationSparseLayout:
         base = self.base.layout if isinstance(self.base, QuantLinear) else DenseLayout(self.out_features,
@@ -292,6 +313,33 @@ class ActivationSparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, criterion={self.criterion}, "
                 f"sparsity={self.sparsity:.3f}, mode={self.mode}, grid={list(self.grid)}, "
                 f"rotation={self.input_rotation is not None}")
+
+
+class FusedSparseSiblings(nn.Module):
+    """Sibling :class:`ActivationSparseLinear` layers that read the same input (q/k/v, gate/up) as
+    one module whose output is the concatenation of theirs (what the runtime's sibling fusion,
+    :mod:`llmcomp.runtime.fuse`, does for plain int layers).
+
+    At batch-1 decode, when every sibling runs the packed kernel's C++ operator, one call computes
+    all of them, each with its own selection, weights and sparsity: the runtime then makes four
+    sparse calls per decoder layer instead of seven, as the dense int4 path does (the per-call
+    cost of dispatch, guards and wrapper code is comparable to the kernel's on small layers).
+    Otherwise (prefill, another kernel, the transform) each sibling runs as it would alone. The
+    siblings stay the model's (this module is not in the model tree; holding them in a ModuleList
+    rather than a plain list made torch.compile's guard check about 3x cheaper); their
+    configuration is read at every call, so ``configure()`` after fusing takes effect."""
+
+    def __init__(self, modules: list[ActivationSparseLinear]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if math.prod(x.shape[:-1]) == 1 and x.dtype in NATIVE_IO_DTYPES:
+            states = [m.packed_decode_state(x) for m in self.parts]
+            if all(st is not None for st in states):
+                y = packed_siblings(x.reshape(-1).contiguous(), states, [m.base.bias for m in self.parts])
+                return y.reshape(*x.shape[:-1], y.shape[0])
+        return torch.cat([m(x) for m in self.parts], dim=-1)
 
 
 def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,9 @@ Why: at batch 1 a decode step makes seven weight-only int4 calls per layer, each
 dispatch and activation packing; fused, it is four (measured about 5% of a SmolLM2 int4 step).
 Only quantized siblings with one layout (bits, group size, symmetry: FineQuant's ``tie_fused``
 gives them that) are fused: their packed codes are small, so the fused copy costs little memory,
-while fusing dense weights would duplicate the model's largest tensors. The model is not changed.
+while fusing dense weights would duplicate the model's largest tensors. Siblings wrapped by
+activation sparsity over int bases are grouped without copying (``FusedSparseSiblings``: one
+call of the packed sparse kernel for all of them at decode). The model is not changed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmcomp.modules.activation_sparse import ActivationSparseLinear, FusedSparseSiblings
 from llmcomp.modules.quant_linear import QuantLinear
 
 
@@ -37,3 +40,19 @@ def fuse_quant_linears(modules: list[nn.Module]) -> QuantLinear | None:
         if first.bias is not None:
             fused.bias.copy_(torch.cat([m.bias for m in modules]))
     return fused.to(first.weight_packed.device)
+
+
+def fuse_activation_sparse(modules: list[nn.Module]) -> FusedSparseSiblings | None:
+    """Activation-sparse siblings over int bases of one bit width, as one module; else None."""
+    if len(modules) < 2 or not all(type(m) is ActivationSparseLinear and isinstance(m.base, QuantLinear)
+                                   for m in modules):
+        return None
+    if len({(m.in_features, m.base.bits) for m in modules}) != 1:  # type: ignore[union-attr]
+        return None
+    return FusedSparseSiblings(modules)  # type: ignore[arg-type]
+
+
+def fuse_siblings(modules: list[nn.Module]) -> nn.Module | None:
+    """The fused form of sibling projections (plain int layers, or activation-sparse ones), or None."""
+    fused = fuse_quant_linears(modules)
+    return fused if fused is not None else fuse_activation_sparse(modules)

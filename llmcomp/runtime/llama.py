@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmcomp.runtime.fuse import fuse_quant_linears
+from llmcomp.runtime.fuse import fuse_siblings
 from llmcomp.runtime.kv_cache import SlotKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -76,9 +76,9 @@ class LlamaForward:
         positions = torch.arange(cache.max_len, device=self.embed.weight.device)[None]
         cos, sin = inner.rotary_emb(torch.ones(1, dtype=dtype, device=positions.device), positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
-        self.qkv = [fuse_quant_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+        self.qkv = [fuse_siblings([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                     for layer in self.layers]
-        self.gate_up = [fuse_quant_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+        self.gate_up = [fuse_siblings([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         self.qkv_sizes = [self.num_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
 
     def _rms_norm(self, x: torch.Tensor, norm: Any) -> torch.Tensor:
