@@ -67,8 +67,11 @@ static int64_t select_rows(const float* score, int64_t k, int64_t keep, uint32_t
   return m;
 }
 
+/* Non-temporal (prefetchnta on x86): each code row is read once per token, so it should not evict
+   what is reused (accumulators, x, scales). 15-25% faster than prefetcht0 on a cold-cache proxy of
+   a token's layer calls; end to end (compiled decode) the same within noise. */
 static void prefetch_row(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)p + b, 0, 3);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)p + b, 0, 0);
 }
 
 /* acc[i] += sum_t xs[t] * low nibble of r[t][i], acc[width + i] += the same with the high nibble.

@@ -12,9 +12,9 @@ What made it faster than the dense int4 GEMV (issue 13; each measured, docs/BENC
 * **Top-k by radix select** on the score bits (scores are >= 0, so their bits sort as integers):
   no data-dependent branches. The quickselect it replaced mispredicted on every new token's scores
   and cost as much as the GEMV itself at 50% on SmolLM2's shapes.
-* **Software prefetch** of the kept rows 16 ahead: the rows are scattered (a dense GEMV streams),
-  and decode reads them from DRAM (the model does not fit the caches); and of each group's
-  scales and offsets when the group starts (they are read at its end).
+* **Software prefetch** of the kept rows 16 ahead (non-temporal: each is read once per token): the
+  rows are scattered (a dense GEMV streams), and decode reads them from DRAM (the model does not
+  fit the caches); and of each group's scales and offsets when the group starts (read at its end).
 * **AVX-512 intrinsics** for the inner loop (16 codes widened to int32, converted, one FMA per kept
   weight); the plain C loops stay for other hosts (the compiler vectorises them for AVX2).
 * **A C++ torch operator** (``act_sparse_packed_op.cpp``, ``llmcomp_sparse::gemv``) over weights
