@@ -101,7 +101,9 @@ def greedy_allocation(layer: nn.Module, calls: list[Call], grid: list[float], st
 
     The error of a candidate is the layer output's on the tail positions. Both halves are exact
     there: an attention candidate reruns the attention on every position and the MLP on the tail;
-    an MLP candidate (per-token computation) reruns only the MLP on the cached tail inputs.
+    an MLP candidate (per-token computation) reruns only the MLP on the cached tail inputs. An
+    attention candidate's attention output depends only on the attention levels, so it is kept
+    until an attention group is raised (and the winner's becomes the new current one).
     """
     mods = wrapped_linears(layer, criterion)
     sizes = [sum(mods[n].in_features * mods[n].out_features for n in g) for g in LAYER_GROUPS]
@@ -127,6 +129,7 @@ def greedy_allocation(layer: nn.Module, calls: list[Call], grid: list[float], st
     with torch.inference_mode():
         dense = [mlp_half(layer, h).double() for h in h1]
     table: dict[str, list[float]] = {n: [] for g in LAYER_GROUPS for n in g}
+    candidate_heads: dict[int, list[torch.Tensor]] = {}  # attention group -> heads with it raised
     for target in grid:
         while sum(s * n for s, n in zip(levels, sizes, strict=True)) / total < target - 1e-9:
             best, best_err = None, float("inf")
@@ -136,7 +139,9 @@ def greedy_allocation(layer: nn.Module, calls: list[Call], grid: list[float], st
                 trial = list(levels)
                 trial[g] = round(trial[g] + step, 6)
                 set_levels(trial)
-                err = tails_error(heads() if g in attention_groups else h1)
+                if g in attention_groups and g not in candidate_heads:
+                    candidate_heads[g] = heads()
+                err = tails_error(candidate_heads[g] if g in attention_groups else h1)
                 if err < best_err:
                     best, best_err = g, err
             if best is None:
@@ -144,7 +149,8 @@ def greedy_allocation(layer: nn.Module, calls: list[Call], grid: list[float], st
             levels[best] = round(levels[best] + step, 6)
             set_levels(levels)
             if best in attention_groups:
-                h1 = heads()
+                h1 = candidate_heads[best]
+                candidate_heads.clear()
             if on_step is not None:
                 on_step()
         for group, level in zip(LAYER_GROUPS, levels, strict=True):
