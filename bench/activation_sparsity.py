@@ -1,7 +1,10 @@
 """Activation sparsity on SmolLM2-135M: TEAL vs WINA (all linears / public) vs + allocation / + transform.
 
 Quality: token perplexity on the offline evaluation text (GPL-3, GPL-2, LGPL-2.1 license texts;
-windows of ``--seq-len``, fp32), every method at every sparsity, side by side in one run.
+windows of ``--seq-len``, fp32), every method at every sparsity, side by side in one run; with
+``--sst2-dir`` also 0-shot sst2 accuracy on that folder's validation split (``bench/sentiment_data.py``
+writes real Rotten Tomatoes sentences there), scored on the runtime, per-sentence results kept for
+paired comparisons.
 Calibration (greedy allocation, thresholds) uses the offline *calibration* texts, never the
 evaluation text.
 
@@ -52,14 +55,18 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     ids = calibration_batches(tok, offline_calibration_text(), args.cal_samples, args.cal_len, seed=0)
     grid = _floats(args.sparsities)
 
-    def ppl(model: nn.Module) -> float:
+    def measure(model: nn.Module) -> dict[str, Any]:
         res = compute_perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.max_tokens, progress=False)
-        return res.perplexity
+        out: dict[str, Any] = {"perplexity": res.perplexity}
+        if args.sst2_dir is not None:
+            correct = sst2_correct(model, tok, args.sst2_dir)
+            out.update(sst2_acc=round(sum(correct) / len(correct), 4), sst2_correct="".join("01"[c] for c in correct))
+        return out
 
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    rows.append({"method": "dense", "sparsity": 0.0, "perplexity": ppl(dense)})
-    print(rows[-1], flush=True)
+    rows.append({"method": "dense", "sparsity": 0.0, **measure(dense)})
+    print({k: v for k, v in rows[-1].items() if k != "sst2_correct"}, flush=True)
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         if method not in QUALITY_METHODS:
@@ -86,16 +93,59 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             norms = "public" if method == "wina-public" else "all"
             for s in grid:
                 summary = apply_activation_sparsity(model, s, criterion, norms=norms, allocated=allocate)
-                rows.append({"method": method, "sparsity": s, "perplexity": ppl(model),
+                rows.append({"method": method, "sparsity": s, **measure(model),
                              "weighted_sparsity": round(summary["weight_weighted_sparsity"], 4)})
-                print(rows[-1], flush=True)
+                print({k: v for k, v in rows[-1].items() if k != "sst2_correct"}, flush=True)
                 if args.partial is not None:  # a long grid keeps what it measured so far
                     args.partial.write_text(json.dumps({"rows": rows, "calibration_seconds": calib}, indent=2))
         del model
-    return {"text": text_desc, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
+    sst2 = {"sst2": {"data": str(args.sst2_dir), "split": "validation", "rows": len(rows[0]["sst2_correct"])}
+            } if args.sst2_dir is not None else {}
+    return {"text": text_desc, "seq_len": args.seq_len, "max_tokens": args.max_tokens, **sst2,
             "calibration": {"source": "offline calibration license texts", "samples": args.cal_samples,
                             "seq_len": args.cal_len, "step": args.step, "seconds": calib},
             "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def sst2_correct(model: nn.Module, tok: Any, data_dir: Path) -> list[bool]:
+    """Per sentence of ``data_dir/sst2/validation``, whether ``model`` (0-shot, lm-eval's prompt, on the
+    runtime: prefill computes densely with each token's unselected inputs zeroed) picks its label."""
+    from llmcomp.eval.runtime_lm import RuntimeLM
+    from llmcomp.eval.tasks import TASKS
+    from llmcomp.route_calibrate import task_samples
+
+    samples = task_samples(RuntimeLM(model, tok, progress=False), [TASKS["sst2"]], data_dir, None)["sst2"]
+    return [bool(s["acc"]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+
+
+def paired_difference(a: str, b: str) -> tuple[float, float]:
+    """Accuracy of ``a`` minus that of ``b`` (per-sentence "0"/"1" strings over the same sentences) and
+    the standard error of that difference for paired samples (from the discordant pairs)."""
+    n = len(a)
+    a_only = sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True))
+    b_only = sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True))
+    return (a_only - b_only) / n, (a_only + b_only - (a_only - b_only) ** 2 / n) ** 0.5 / n
+
+
+def sst2_table(result: dict[str, Any]) -> str:
+    """Markdown: sst2 accuracy per method and sparsity, each against TEAL at the same sparsity and
+    against dense, with 95% intervals of the paired differences."""
+    rows = [r for r in result["quality"]["rows"] if "sst2_correct" in r]
+    dense = next(r for r in rows if r["method"] == "dense")
+    teal = {r["sparsity"]: r for r in rows if r["method"] == "teal"}
+    lines = ["| method | sparsity | perplexity | sst2 acc | - TEAL (95% CI) | - dense (95% CI) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for ref in (teal.get(r["sparsity"]), dense):
+            if ref is None or ref is r:
+                cells.append("-")
+            else:
+                d, se = paired_difference(r["sst2_correct"], ref["sst2_correct"])
+                cells.append(f"{100 * d:+.1f} ({100 * (d - 1.96 * se):+.1f}, {100 * (d + 1.96 * se):+.1f})")
+        lines.append(f"| {r['method']} | {r['sparsity']:.2f} | {r['perplexity']:.2f} | {100 * r['sst2_acc']:.1f} | "
+                     f"{cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def quantize_int4(model: nn.Module, group: int = 32) -> None:
@@ -163,7 +213,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("quality", "speed"), required=True)
+    parser.add_argument("--part", choices=("quality", "speed"))
+    parser.add_argument("--sst2-table", type=Path, default=None, help="only print the sst2 table of this result file")
     parser.add_argument("--sparsities", default="0.25,0.4,0.5,0.65")
     parser.add_argument("--methods", default=",".join(QUALITY_METHODS))
     parser.add_argument("--seq-len", type=int, default=512)
@@ -171,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cal-samples", type=int, default=8)
     parser.add_argument("--cal-len", type=int, default=128)
     parser.add_argument("--step", type=float, default=0.05)
+    parser.add_argument("--sst2-dir", type=Path, default=None,
+                        help="quality: also sst2 accuracy on DIR/sst2/validation.* (bench/sentiment_data.py)")
     parser.add_argument("--weights", default="bf16,int4")
     parser.add_argument("--int4-sparsities", default="", help="speed: int4 sparsities (default: --sparsities)")
     parser.add_argument("--int4-model", default="", help="speed: int4 checkpoint (default: RTN g32 in memory)")
@@ -181,8 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.sst2_table is not None:
+        print(sst2_table(json.loads(args.sst2_table.read_text())))
+        return
+    if args.part is None or args.out is None:
+        parser.error("--part and --out are required")
     torch.set_num_threads(args.threads)
     result = {"machine": cpu_summary(), "torch": torch.__version__, "threads": args.threads,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": MODEL, "args": vars(args)}

@@ -3,7 +3,8 @@
 Swift = a strongly compressed SmolLM2-135M checkpoint, super = the original. Three parts:
 
 1. GLUE-format tasks (sst2, rte; synthetic local data from ``bench/routing_data.py``, because GLUE
-   cannot be downloaded here): tau picked on ``train``, accuracy reported on ``validation``.
+   cannot be downloaded here; ``--sst2-data rotten-tomatoes``: real movie-review sentences from
+   ``bench/sentiment_data.py`` instead): tau picked on ``train``, accuracy reported on ``validation``.
 2. Next-token accuracy (generation, teacher-forced): tau picked on the offline validation text,
    reported on the offline evaluation text (8,176 tokens, windows of 512), with routed perplexity.
 3. Serving: the same prompts through three native servers (swift only, super only, routed), one
@@ -31,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_data import write_task_data  # noqa: E402
+from sentiment_data import DESCRIPTION as RT_DESCRIPTION  # noqa: E402
+from sentiment_data import write_sst2  # noqa: E402
 
 from llmcomp.hostinfo import cpu_summary  # noqa: E402
 from llmcomp.route_calibrate import (  # noqa: E402
@@ -63,6 +66,17 @@ SERVE_TARGET = "fraction<=0.5"
 DEFERRAL_PROMPT, DEFERRAL_NEW = 64, 24  # token-level deferral: prompt and generated tokens
 
 
+def gain_over_random(report: list[Example], deferred: list[bool], block: int) -> tuple[float, float]:
+    """Routed accuracy minus the random router's expectation at the same fraction f, with its standard
+    error: the mean of ``(d_i - f) * (super_i - swift_i)`` over the examples, errors clustered in
+    blocks of ``block`` consecutive examples (next-token positions of one text are not independent)."""
+    f = sum(deferred) / len(report)
+    terms = [(d - f) * (int(e.super_correct) - int(e.swift_correct)) for e, d in zip(report, deferred, strict=True)]
+    mean = statistics.fmean(terms)
+    blocks = [terms[i:i + block] for i in range(0, len(terms), block)]
+    return mean, math.sqrt(sum((sum(b) - len(b) * mean) ** 2 for b in blocks)) / len(terms)
+
+
 def operating_points(calib: list[Example], report: list[Example]) -> list[dict[str, Any]]:
     """Each target's tau picked on ``calib``, applied to ``report``."""
     curve = routing_curve(calib)
@@ -83,6 +97,7 @@ def operating_points(calib: list[Example], report: list[Example]) -> list[dict[s
                "super_fraction": f,
                "acc": sum(e.super_correct if d else e.swift_correct for e, d in zip(report, deferred, strict=True)) / n,
                "random_acc": (1 - f) * swift + f * super_}
+        row["acc_minus_random_se"] = gain_over_random(report, deferred, block)[1]
         if has_nll:
             nll = sum(e.super_nll if d else e.swift_nll for e, d in zip(report, deferred, strict=True)) / n
             swift_nll = sum(e.swift_nll for e in report) / n
@@ -237,7 +252,8 @@ def serving(swift, super_, tok, config: RouterConfig, prompts: list[str], rounds
 
 
 def _points_table(variants: dict[str, list[dict]], ppl: bool) -> list[str]:
-    head = "| router | target (on calibration data) | tau | super fraction | acc | random router acc | acc - random |"
+    head = ("| router | target (on calibration data) | tau | super fraction | acc | random router acc | "
+            "acc - random (± 95%) |")
     sep = "|---|---|---|---|---|---|---|"
     if ppl:
         head += " ppl | random router ppl |"
@@ -245,8 +261,9 @@ def _points_table(variants: dict[str, list[dict]], ppl: bool) -> list[str]:
     lines = [head, sep]
     for name, rows in variants.items():
         for r in rows:
+            se = f" ± {1.96 * r['acc_minus_random_se']:.4f}" if "acc_minus_random_se" in r else ""
             line = (f"| {name} | {r['target']} | {r['tau']:.3f} | {r['super_fraction']:.3f} | {r['acc']:.4f} | "
-                    f"{r['random_acc']:.4f} | {r['acc'] - r['random_acc']:+.4f} |")
+                    f"{r['random_acc']:.4f} | {r['acc'] - r['random_acc']:+.4f}{se} |")
             if ppl:
                 line += f" {r['ppl']:.2f} | {r['random_ppl']:.2f} |"
             lines.append(line)
@@ -257,7 +274,8 @@ def markdown(result: dict[str, Any]) -> str:
     """The BENCHMARKS.md tables of one result file."""
     lines: list[str] = []
     for task, t in result.get("glue", {}).get("tasks", {}).items():
-        lines += [f"**{task}** (synthetic, {t['examples']} validation rows; tau from {t['rows']['train']} train rows): "
+        data = "Rotten Tomatoes sentences" if task == "sst2" and "sst2_data" in result["glue"] else "synthetic"
+        lines += [f"**{task}** ({data}, {t['examples']} validation rows; tau from {t['rows']['train']} train rows): "
                   f"swift acc {t['swift_acc']:.4f}, super acc {t['super_acc']:.4f}", ""]
         lines += _points_table(t["variants"], ppl=False) + [""]
     if "next_token" in result:
@@ -295,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/routing-data"))
     ap.add_argument("--examples", type=int, default=400, help="rows per split of each synthetic task")
     ap.add_argument("--tasks", default="sst2,rte")
+    ap.add_argument("--sst2-data", choices=("synthetic", "rotten-tomatoes"), default="synthetic",
+                    help="sst2 rows: synthetic templates, or real Rotten Tomatoes sentences (bench/sentiment_data.py)")
     ap.add_argument("--max-tokens", type=int, default=8192, help="next-token part: tokens of each text")
     ap.add_argument("--deferral-prompts", type=int, default=6)
     ap.add_argument("--serve-prompts", type=int, default=8)
@@ -327,7 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     if "glue" not in skip:
         result["glue"] = {"data": "synthetic templates (bench/routing_data.py), not GLUE", "tasks": {}}
         for task in args.tasks.split(","):
-            sizes_written = write_task_data(args.data_dir, task, args.examples, args.examples)
+            if task == "sst2" and args.sst2_data == "rotten-tomatoes":
+                sizes_written = write_sst2(args.data_dir, args.examples, args.examples)
+                result["glue"]["sst2_data"] = RT_DESCRIPTION
+            else:
+                sizes_written = write_task_data(args.data_dir, task, args.examples, args.examples)
             calib, _ = glue_examples(swift, super_, tok, task, args.data_dir, "train", args.slots)
             report, seconds = glue_examples(swift, super_, tok, task, args.data_dir, "validation", args.slots)
             result["glue"]["tasks"][task] = {
