@@ -66,7 +66,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     rows.append({"method": "dense", "sparsity": 0.0, **measure(dense)})
-    print({k: v for k, v in rows[-1].items() if k != "sst2_correct"}, flush=True)
+    show(rows[-1])
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         if method not in QUALITY_METHODS:
@@ -95,7 +95,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                 summary = apply_activation_sparsity(model, s, criterion, norms=norms, allocated=allocate)
                 rows.append({"method": method, "sparsity": s, **measure(model),
                              "weighted_sparsity": round(summary["weight_weighted_sparsity"], 4)})
-                print({k: v for k, v in rows[-1].items() if k != "sst2_correct"}, flush=True)
+                show(rows[-1])
                 if args.partial is not None:  # a long grid keeps what it measured so far
                     args.partial.write_text(json.dumps({"rows": rows, "calibration_seconds": calib}, indent=2))
         del model
@@ -105,6 +105,11 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             "calibration": {"source": "offline calibration license texts", "samples": args.cal_samples,
                             "seq_len": args.cal_len, "step": args.step, "seconds": calib},
             "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def show(row: dict[str, Any]) -> None:
+    """Print a quality row as it is measured, without its per-sentence string."""
+    print({k: v for k, v in row.items() if k != "sst2_correct"}, flush=True)
 
 
 def sst2_correct(model: nn.Module, tok: Any, data_dir: Path) -> list[bool]:

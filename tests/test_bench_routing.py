@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import statistics
-from pathlib import Path
 
 import pytest
+from bench_modules import load_bench
 
 from llmcomp.route_calibrate import Example
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "routing.py"
 
 
 @pytest.fixture(scope="module")
 def routing_bench():
-    spec = importlib.util.spec_from_file_location("routing_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("routing")
 
 
 def examples(n: int, seed: int) -> tuple[list[Example], list[bool]]:

@@ -7,19 +7,14 @@ import importlib.util
 import json
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "sentiment_data.py"
+from bench_modules import load_bench
 
 
 @pytest.fixture(scope="module")
 def sentiment_data():
-    spec = importlib.util.spec_from_file_location("sentiment_data_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sentiment_data")
 
 
 def fake_rows(n: int, seed: int) -> list[dict]:
@@ -76,10 +71,7 @@ def test_paired_difference_matches_the_standard_error_of_per_sentence_difference
     """bench/activation_sparsity.py's paired interval: the mean and standard error of a_i - b_i."""
     import statistics
 
-    spec = importlib.util.spec_from_file_location("activation_sparsity_bench",
-                                                  BENCH.parent / "activation_sparsity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("activation_sparsity")
     rng = random.Random(5)
     a = "".join(rng.choice("01") for _ in range(500))
     b = "".join(x if rng.random() < 0.8 else rng.choice("01") for x in a)

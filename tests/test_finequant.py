@@ -247,13 +247,9 @@ def test_activation_aware_fit_lowers_the_real_output_error() -> None:
 
 def test_threshold_budget_replays_the_ladder_walk() -> None:
     """bench/threshold_budget.py predicts, from one threshold-0 report, the bits any price gives."""
-    import importlib.util
-    from pathlib import Path
+    from bench_modules import load_bench
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "threshold_budget.py"
-    spec = importlib.util.spec_from_file_location("threshold_budget", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_bench("threshold_budget")
 
     model = _tiny_model(seed=6)
     for layer in model.model.layers:  # a few outliers so different prices pick different rungs

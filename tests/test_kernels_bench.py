@@ -1,23 +1,16 @@
 """The GPU kernel benchmark's --dry-run (CPU, Triton interpreter) keeps working."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_modules import load_bench
 
 pytest.importorskip("triton")
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels_gpu.py"
 
 
 def test_kernels_gpu_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored after the test; the dry run needs it
-    spec = importlib.util.spec_from_file_location("kernels_gpu_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = load_bench("kernels_gpu")
     out = tmp_path / "kernels.json"
     assert bench.main(["--dry-run", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
